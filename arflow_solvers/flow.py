@@ -1,0 +1,109 @@
+"""A flow in sampling order: autoregressive blocks to solve, and plain steps between them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from .protocol import AffineARBlock, CausalMapBlock
+
+__all__ = ["Flow", "Permute", "is_ar_block"]
+
+Step = Callable[[Tensor, Any], Tensor]
+
+
+def is_ar_block(obj: object) -> bool:
+    """Whether `obj` is a block the solvers invert (affine or with its own inverse map)."""
+    return isinstance(obj, (AffineARBlock, CausalMapBlock))
+
+
+class Flow:
+    """An ordered sequence of steps, applied to the noise in **sampling order**.
+
+    Each step is either an autoregressive block (anything satisfying
+    [`AffineARBlock`][arflow_solvers.AffineARBlock] or
+    [`CausalMapBlock`][arflow_solvers.CausalMapBlock]), which the plan's solver inverts, or
+    any callable `step(x, cond) -> x` (a permutation, an un-patchify, a batch-norm inverse),
+    which is simply applied.
+
+    Blocks are numbered `0, 1, ...` in the order the solver visits them, i.e. sampling order:
+    block 0 is the first block applied to the noise, which is the *last* block of the
+    density (training) direction. Plans use this numbering.
+
+    Arguments:
+        steps: the steps in sampling order.
+
+    Example:
+        >>> import torch
+        >>> from arflow_solvers import Flow, Permute
+        >>> class Shift:
+        ...     seq_len = 3
+        ...     def affine(self, x, cond=None):
+        ...         mu = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        ...         return mu, torch.zeros_like(x)
+        >>> flow = Flow([Shift(), Permute([2, 1, 0]), Shift()])
+        >>> flow.num_blocks
+        2
+    """
+
+    def __init__(self, steps: Sequence[Union[AffineARBlock, CausalMapBlock, Step]]):
+        steps = list(steps)
+        for i, step in enumerate(steps):
+            if not (is_ar_block(step) or callable(step)):
+                raise TypeError(
+                    f"steps[{i}] must be an AffineARBlock, a CausalMapBlock or a callable "
+                    f"step(x, cond) -> x; got {type(step).__name__}"
+                )
+        self.steps: tuple = tuple(steps)
+
+    @property
+    def blocks(self) -> tuple:
+        """The autoregressive blocks, in sampling order."""
+        return tuple(step for step in self.steps if is_ar_block(step))
+
+    @property
+    def num_blocks(self) -> int:
+        """How many autoregressive blocks the flow has."""
+        return len(self.blocks)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        lines = []
+        index = 0
+        for step in self.steps:
+            if is_ar_block(step):
+                lines.append(f"  [{index}] {type(step).__name__}(seq_len={step.seq_len})")
+                index += 1
+            else:
+                lines.append(f"      {getattr(step, '__name__', type(step).__name__)}")
+        return "Flow(\n" + "\n".join(lines) + "\n)"
+
+
+class Permute:
+    """Reorder the positions of a `(B, T, D)` tensor: `x[:, order]`.
+
+    Arguments:
+        order: a permutation of `range(T)`.
+    """
+
+    def __init__(self, order: Sequence[int] | Tensor):
+        order = torch.as_tensor(order, dtype=torch.long)
+        if order.dim() != 1 or not torch.equal(order.sort().values, torch.arange(len(order))):
+            raise ValueError(f"order must be a permutation of range(T); got {order.tolist()}")
+        self.order = order
+
+    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        return x[:, self.order.to(x.device)]
+
+    def __repr__(self) -> str:
+        shown = self.order.tolist()
+        text = ", ".join(map(str, shown[:6])) + (", ..." if len(shown) > 6 else "")
+        return f"Permute([{text}])"

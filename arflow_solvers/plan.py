@@ -1,0 +1,244 @@
+"""Plans: which solver inverts which block, in the paper's `[Stack-GS-J-Else]` notation."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from . import init as inits
+from .solvers import GSJacobi, Jacobi, Serial, Solver
+
+__all__ = ["Plan", "as_plan"]
+
+_NUMBERS = r"\d+(?:/\d+)*"
+_CAPS = r"(?:\d+|\*)(?:/(?:\d+|\*))*"
+_PAPER = re.compile(
+    rf"^\[(?:(?P<stack>{_NUMBERS})-(?P<gs>{_NUMBERS})-(?P<j>{_CAPS})-)?(?P<rest>\d+|\*)\]$"
+)
+
+
+def _cap(text: str) -> int | None:
+    return None if text == "*" else int(text)
+
+
+def _cap_text(cap: int | None) -> str:
+    return "*" if cap is None else str(cap)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which solver inverts each block: a default plus per-block overrides.
+
+    Blocks are numbered in sampling order (the order the solver visits them; see
+    [`Flow`][arflow_solvers.Flow]).
+
+    The paper writes plans as `[Stack-GS-J-Else]`: `[6-8-32-10]` gives block 6 eight equal
+    GS-Jacobi segments of at most 32 iterations each and every other block Jacobi capped at
+    10; `[0/7-16/8-10/13-6]` does the same for blocks 0 and 7 with 16 and 8 segments, caps
+    10 and 13, and caps the rest at 6. `[10]` is Jacobi capped at 10 everywhere. Our
+    extension: `*` for a cap means the exactness bound (`max_iters=None`). All solvers of a
+    parsed plan share `tol`, `atol` and `init`.
+
+    Arguments:
+        default: the solver of every block without an override.
+        overrides: block index to solver.
+
+    References:
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        https://arxiv.org/abs/2505.12849
+
+    Example:
+        >>> plan = Plan.parse("[0/7-16/8-10/13-6]", num_blocks=8)
+        >>> plan.solver_for(7)
+        GSJacobi(segments=8, max_iters=13)
+        >>> str(plan)
+        '[0/7-16/8-10/13-6]'
+    """
+
+    default: Solver
+    overrides: Mapping[int, Solver] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, Solver):
+            raise TypeError(f"default must be a Solver; got {type(self.default).__name__}")
+        overrides = dict(sorted(self.overrides.items()))
+        for index, solver in overrides.items():
+            if not isinstance(index, int) or index < 0:
+                raise ValueError(f"override keys must be block indices >= 0; got {index!r}")
+            if not isinstance(solver, Solver):
+                raise TypeError(f"overrides[{index}] must be a Solver; got {type(solver).__name__}")
+        object.__setattr__(self, "overrides", overrides)
+
+    def solver_for(self, index: int) -> Solver:
+        """The solver of block `index` (sampling order)."""
+        return self.overrides.get(index, self.default)
+
+    def check(self, num_blocks: int) -> None:
+        """Raise `ValueError` if an override names a block the flow does not have."""
+        missing = [i for i in self.overrides if i >= num_blocks]
+        if missing:
+            raise ValueError(
+                f"plan overrides blocks {missing} but the flow has {num_blocks} blocks (0..{num_blocks - 1})"
+            )
+
+    @classmethod
+    def parse(
+        cls,
+        text: str,
+        num_blocks: int | None = None,
+        *,
+        tol: float = 1e-5,
+        atol: float = 0.0,
+        init: inits.Init = inits.noise,
+    ) -> "Plan":
+        """Read the paper's `[Stack-GS-J-Else]` notation (see the class docstring).
+
+        Arguments:
+            text: e.g. `"[6-8-32-10]"`, `"[0/7-16/8-10/13-6]"` or `"[10]"`.
+            num_blocks: if given, stack indices must be below it.
+            tol, atol, init: shared by every solver of the plan.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"plan text must be a str; got {type(text).__name__}")
+        match = _PAPER.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"cannot parse plan {text!r}: expected '[Stack-GS-J-Else]' such as "
+                "'[6-8-32-10]' or '[0/7-16/8-10/13-6]', or '[Else]' such as '[10]'"
+            )
+        options = {"tol": tol, "atol": atol, "init": init}
+        default = Jacobi(max_iters=_cap(match["rest"]), **options)
+        overrides: dict[int, Solver] = {}
+        if match["stack"] is not None:
+            stack = [int(n) for n in match["stack"].split("/")]
+            segments = [int(n) for n in match["gs"].split("/")]
+            caps = [_cap(n) for n in match["j"].split("/")]
+            if not len(stack) == len(segments) == len(caps):
+                raise ValueError(
+                    f"plan {text!r}: Stack, GS and J need one entry per tough block; got "
+                    f"{len(stack)}, {len(segments)} and {len(caps)}"
+                )
+            if len(set(stack)) != len(stack):
+                raise ValueError(f"plan {text!r}: a block appears twice in Stack")
+            if min(segments) < 1:
+                raise ValueError(f"plan {text!r}: GS segment counts must be >= 1")
+            if num_blocks is not None and max(stack) >= num_blocks:
+                raise ValueError(
+                    f"plan {text!r}: block {max(stack)} does not exist (num_blocks={num_blocks})"
+                )
+            for index, count, cap in zip(stack, segments, caps):
+                overrides[index] = GSJacobi(count, max_iters=cap, **options)
+        return cls(default, overrides)
+
+    def __str__(self) -> str:
+        notation = self._notation()
+        return notation if notation is not None else repr(self)
+
+    def _notation(self) -> str | None:
+        default = self.default
+        if type(default) is not Jacobi:
+            return None
+        shared = (default.tol, default.atol, default.init, default.patience, default.update_dtype)
+        tough = []
+        for index, solver in self.overrides.items():
+            if type(solver) is not GSJacobi or not isinstance(solver.segments, int):
+                return None
+            if (solver.tol, solver.atol, solver.init, solver.patience, solver.update_dtype) != shared:
+                return None
+            tough.append((index, solver.segments, solver.max_iters))
+        rest = _cap_text(default.max_iters)
+        if not tough:
+            return f"[{rest}]"
+        columns = [
+            "/".join(str(i) for i, _, _ in tough),
+            "/".join(str(m) for _, m, _ in tough),
+            "/".join(_cap_text(c) for _, _, c in tough),
+        ]
+        return "[" + "-".join(columns) + f"-{rest}]"
+
+    def __repr__(self) -> str:
+        if not self.overrides:
+            return f"Plan({self.default!r})"
+        return f"Plan({self.default!r}, {dict(self.overrides)!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (inits are stored by name: `noise`, `zeros`, ...)."""
+        return {
+            "default": _solver_to_dict(self.default),
+            "overrides": {str(i): _solver_to_dict(s) for i, s in self.overrides.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """Inverse of [`to_dict`][arflow_solvers.Plan.to_dict]."""
+        try:
+            default = _solver_from_dict(data["default"])
+            overrides = {int(i): _solver_from_dict(s) for i, s in data.get("overrides", {}).items()}
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not a plan description: {error}") from error
+        return cls(default, overrides)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan written by [`save`][arflow_solvers.Plan.save]."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_SOLVERS = {"Serial": Serial, "Jacobi": Jacobi, "GSJacobi": GSJacobi}
+_INITS = {"noise": inits.noise, "zeros": inits.zeros, "zeros_first_exact": inits.zeros_first_exact}
+
+
+def _solver_to_dict(solver: Solver) -> dict[str, Any]:
+    data: dict[str, Any] = {"type": type(solver).__name__}
+    if isinstance(solver, Serial):
+        return data
+    init_name = getattr(solver.init, "__name__", None)
+    if _INITS.get(init_name) is not solver.init:
+        raise ValueError(f"cannot save a plan whose init {solver.init!r} is not a named init")
+    data.update(tol=solver.tol, atol=solver.atol, max_iters=solver.max_iters, init=init_name,
+                patience=solver.patience)
+    if isinstance(solver, GSJacobi):
+        data["segments"] = solver.segments if isinstance(solver.segments, int) else list(solver.segments)
+    return data
+
+
+def _solver_from_dict(data: Mapping[str, Any]) -> Solver:
+    kind = _SOLVERS.get(data["type"])
+    if kind is None:
+        raise ValueError(f"unknown solver type {data['type']!r}; expected one of {sorted(_SOLVERS)}")
+    if kind is Serial:
+        return Serial()
+    options = {k: data[k] for k in ("tol", "atol", "max_iters", "patience") if k in data}
+    options["init"] = _INITS[data.get("init", "noise")]
+    if kind is GSJacobi:
+        return GSJacobi(data["segments"], **options)
+    return Jacobi(**options)
+
+
+PlanLike = Union[Plan, Solver, str]
+
+
+def as_plan(plan: PlanLike, num_blocks: int | None = None) -> Plan:
+    """A `Plan` from a plan, a single solver (used for every block) or paper notation."""
+    if isinstance(plan, Plan):
+        result = plan
+    elif isinstance(plan, Solver):
+        result = Plan(plan)
+    elif isinstance(plan, str):
+        result = Plan.parse(plan, num_blocks)
+    else:
+        raise TypeError(
+            f"plan must be a Plan, a solver (Serial(), Jacobi(), GSJacobi(...)) or a string in "
+            f"the paper's notation; got {type(plan).__name__}"
+        )
+    if num_blocks is not None:
+        result.check(num_blocks)
+    return result

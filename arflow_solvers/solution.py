@@ -1,0 +1,153 @@
+"""What a solve returns: the samples, a status, and the cost of getting them."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Status", "BlockStats", "Solution", "SolveError"]
+
+
+class Status(enum.IntEnum):
+    """Outcome of a solve, per sample and overall; a larger value is a worse outcome.
+
+    Each member's `message` says what happened and what to try next.
+    """
+
+    CONVERGED = 0
+    MAX_ITERS = 1
+    FELL_BACK = 2
+    NONFINITE = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "Every sample met the tolerance or reached the exactness bound.",
+    Status.MAX_ITERS: (
+        "Some samples hit the iteration cap before meeting the tolerance; their error vs "
+        "serial is not bounded by it. Raise `max_iters`, use more segments, or `Serial()`."
+    ),
+    Status.FELL_BACK: (
+        "A residual became non-finite or kept growing, so those samples were re-solved with "
+        "smaller segments (down to serial) from their last exact prefix. The result is "
+        "correct; a plan with more segments on that block would be faster."
+    ),
+    Status.NONFINITE: (
+        "The result has non-finite values even after falling back to serial: the block "
+        "itself overflows on this noise (check the model, its dtype, or the noise scale)."
+    ),
+}
+
+
+class SolveError(RuntimeError):
+    """Raised by `solve(..., throw=True)` when the result is not usable."""
+
+    def __init__(self, status: Status):
+        super().__init__(status.message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """The cost and outcome of inverting one autoregressive block.
+
+    Attributes:
+        index: the block's number in sampling order.
+        solver: `repr` of the solver used.
+        bounds: `(start, stop)` of each segment.
+        iterations: `(B, M)` int tensor, Jacobi iterations per sample and segment
+            (`Serial` counts one per position).
+        residuals: one `(K, B)` tensor per segment: the max-abs update of each sample at each
+            iteration, `nan` where the sample was no longer iterating.
+        status: `(B,)` tensor of [`Status`][arflow_solvers.Status] values per sample.
+        passes: network calls made on this block (each for the active samples only).
+        work: the same in full-pass equivalents (samples x positions evaluated / (B x T)).
+        wall_time: seconds spent on the block.
+    """
+
+    index: int
+    solver: str
+    bounds: tuple[tuple[int, int], ...]
+    iterations: Tensor
+    residuals: tuple[Tensor, ...]
+    status: Tensor
+    passes: int
+    work: float
+    wall_time: float
+
+    @property
+    def worst(self) -> Status:
+        """The worst per-sample status."""
+        return Status(int(self.status.max())) if self.status.numel() else Status.CONVERGED
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (per-sample tensors reduced to mean and max)."""
+        per_segment = self.iterations.float()
+        return {
+            "index": self.index,
+            "solver": self.solver,
+            "segments": len(self.bounds),
+            "status": self.worst.name,
+            "passes": self.passes,
+            "work": round(self.work, 4),
+            "wall_time": self.wall_time,
+            "iterations_mean": per_segment.sum(1).mean().item() if per_segment.numel() else 0.0,
+            "iterations_max": int(self.iterations.sum(1).max()) if self.iterations.numel() else 0,
+            "fell_back": int((self.status == Status.FELL_BACK).sum()),
+        }
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The result of [`solve`][arflow_solvers.solve].
+
+    Attributes:
+        x: the samples, shaped as the flow's last step returns them.
+        status: the worst outcome over all blocks and samples.
+        blocks: one [`BlockStats`][arflow_solvers.BlockStats] per block, in sampling order.
+        wall_time: seconds for the whole solve.
+    """
+
+    x: Tensor
+    status: Status
+    blocks: tuple[BlockStats, ...] = field(default_factory=tuple)
+    wall_time: float = 0.0
+
+    @property
+    def passes(self) -> int:
+        """Network calls over all blocks."""
+        return sum(b.passes for b in self.blocks)
+
+    @property
+    def work(self) -> float:
+        """Full-pass equivalents over all blocks (serial costs `T` per block without a cache)."""
+        return sum(b.work for b in self.blocks)
+
+    @property
+    def sample_status(self) -> Tensor:
+        """`(B,)` worst status of each sample over all blocks."""
+        if not self.blocks:
+            return torch.zeros(self.x.shape[0], dtype=torch.long)
+        return torch.stack([b.status for b in self.blocks]).amax(0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary of the solve."""
+        return {
+            "status": self.status.name,
+            "passes": self.passes,
+            "work": round(self.work, 4),
+            "wall_time": self.wall_time,
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        """`to_dict()` as a JSON string."""
+        return json.dumps(self.to_dict(), **kwargs)

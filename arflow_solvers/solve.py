@@ -1,0 +1,146 @@
+"""The entry points: `solve` (a Solution with statistics) and `solve_inverse` (just x)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from .flow import Flow, is_ar_block
+from .plan import PlanLike, as_plan
+from .solution import BlockStats, Solution, SolveError, Status
+
+__all__ = ["solve", "solve_inverse"]
+
+BlockOrFlow = Union[Flow, Any]
+
+
+def solve(
+    block_or_flow: BlockOrFlow,
+    z: Tensor,
+    plan: PlanLike,
+    *,
+    cond: Any = None,
+    throw: bool = True,
+) -> Solution:
+    """Invert an autoregressive block or a whole flow for noise `z`, with statistics.
+
+    Runs under `torch.no_grad()`. Each block is inverted by the solver the plan gives it;
+    other steps of a [`Flow`][arflow_solvers.Flow] are applied as they are.
+
+    Arguments:
+        block_or_flow: an [`AffineARBlock`][arflow_solvers.AffineARBlock] (or
+            [`CausalMapBlock`][arflow_solvers.CausalMapBlock]), or a `Flow` of them.
+        z: the noise, a floating tensor; `(B, T, D)` for a single block, whatever the flow's
+            first step takes otherwise. Must be finite.
+        plan: a [`Plan`][arflow_solvers.Plan], one solver for every block, or the paper's
+            notation such as `"[6-8-32-10]"`.
+        cond: conditioning passed to every block and step (class labels, context).
+        throw: raise [`SolveError`][arflow_solvers.SolveError] if the result is not finite;
+            with `False` the Solution's `status` says so instead.
+
+    Returns:
+        A [`Solution`][arflow_solvers.Solution].
+
+    Example:
+        >>> import torch
+        >>> from arflow_solvers import Jacobi, solve
+        >>> class Halver:  # x_t = z_t + x_{t-1} / 2
+        ...     seq_len = 8
+        ...     def affine(self, x, cond=None):
+        ...         mu = 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        ...         return mu, torch.zeros_like(x)
+        >>> sol = solve(Halver(), torch.ones(2, 8, 1), Jacobi(tol=0.0))
+        >>> sol.status.name, sol.blocks[0].passes
+        ('CONVERGED', 8)
+    """
+    flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
+    chosen = as_plan(plan, flow.num_blocks)
+    _check_noise(z)
+    began = time.perf_counter()
+    stats: list[BlockStats] = []
+    x = z
+    with torch.no_grad():
+        if z.shape[0] > 0:
+            for step in flow:
+                if is_ar_block(step):
+                    index = len(stats)
+                    _check_block_input(step, x, index)
+                    x, block_stats = chosen.solver_for(index).solve(step, x, cond, index)
+                    stats.append(block_stats)
+                else:
+                    x = step(x, cond)
+    status = max((b.worst for b in stats), default=Status.CONVERGED)
+    if not bool(torch.isfinite(x).all()):
+        status = Status.NONFINITE
+    if throw and status is Status.NONFINITE:
+        raise SolveError(status)
+    return Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began)
+
+
+def solve_inverse(
+    block_or_flow: BlockOrFlow, z: Tensor, plan: PlanLike, *, cond: Any = None
+) -> Tensor:
+    """The one-liner: `solve(block_or_flow, z, plan, cond=cond).x`.
+
+    Raises [`SolveError`][arflow_solvers.SolveError] instead of returning non-finite samples.
+
+    Example:
+        >>> import torch
+        >>> from arflow_solvers import GSJacobi, solve_inverse
+        >>> class Halver:
+        ...     seq_len = 4
+        ...     def affine(self, x, cond=None):
+        ...         mu = 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        ...         return mu, torch.zeros_like(x)
+        >>> solve_inverse(Halver(), torch.ones(1, 4, 1), GSJacobi(2, tol=0.0)).flatten().tolist()
+        [1.0, 1.5, 1.75, 1.875]
+    """
+    return solve(block_or_flow, z, plan, cond=cond, throw=True).x
+
+
+def _single(block: Any) -> Flow:
+    if not is_ar_block(block):
+        raise TypeError(
+            "block_or_flow must be a Flow or a block with `seq_len` and `affine(x, cond)` "
+            f"(AffineARBlock) or `inverse_map(x, z, cond)` (CausalMapBlock); got "
+            f"{type(block).__name__}"
+        )
+    return Flow([block])
+
+
+def _check_noise(z: Tensor) -> None:
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor; got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor; got dtype {z.dtype}")
+    if z.dim() == 0:
+        raise ValueError("z must have a batch dimension; got a scalar")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z contains non-finite values (nan or inf)")
+
+
+def _check_block_input(block: Any, x: Tensor, index: int) -> None:
+    seq_len = getattr(block, "seq_len", None)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise TypeError(f"block {index} must have an int attribute seq_len >= 1; got {seq_len!r}")
+    if x.dim() != 3 or x.shape[1] != seq_len:
+        raise ValueError(
+            f"block {index} expects input of shape (B, T={seq_len}, D); got {tuple(x.shape)}"
+        )
+    parameters = getattr(block, "parameters", None)
+    if callable(parameters):
+        first = next(iter(parameters()), None)
+        if first is not None:
+            if first.device != x.device:
+                raise ValueError(
+                    f"block {index} has parameters on {first.device} but its input is on "
+                    f"{x.device}; move the model or z"
+                )
+            if first.is_floating_point() and first.dtype != x.dtype:
+                raise TypeError(
+                    f"block {index} has {first.dtype} parameters but its input is {x.dtype}; "
+                    "convert one of them (the solvers never change precision silently)"
+                )

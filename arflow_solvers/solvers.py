@@ -1,0 +1,398 @@
+"""Serial, Jacobi and GS-Jacobi inversion of one autoregressive block."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from . import init as inits
+from ._evaluate import Evaluator
+from .solution import BlockStats, Status
+
+__all__ = ["Solver", "Serial", "Jacobi", "GSJacobi", "segment_bounds"]
+
+
+def segment_bounds(seq_len: int, segments: int | Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """`(start, stop)` of each segment; a count `M` gives the first `T mod M` one more position.
+
+    Example:
+        >>> segment_bounds(10, 3)
+        ((0, 4), (4, 7), (7, 10))
+        >>> segment_bounds(10, [2, 8])
+        ((0, 2), (2, 10))
+    """
+    if isinstance(segments, int):
+        if not 1 <= segments:
+            raise ValueError(f"segments must be >= 1; got {segments}")
+        count = min(segments, seq_len)
+        base, extra = divmod(seq_len, count)
+        lengths = [base + (i < extra) for i in range(count)]
+    else:
+        lengths = [int(n) for n in segments]
+        if any(n < 1 for n in lengths) or sum(lengths) != seq_len:
+            raise ValueError(
+                f"segment lengths must be positive and sum to seq_len={seq_len}; got {lengths}"
+            )
+    edges = [0]
+    for n in lengths:
+        edges.append(edges[-1] + n)
+    return tuple(zip(edges[:-1], edges[1:]))
+
+
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+@dataclass
+class _Segment:
+    """Per-sample outcome of solving one segment."""
+
+    iterations: Tensor
+    residuals: Tensor
+    status: Tensor
+
+
+def _jacobi_segment(
+    ev: Evaluator,
+    x: Tensor,
+    start: int,
+    stop: int,
+    rows: Tensor,
+    *,
+    max_iters: int,
+    tol: float,
+    atol: float,
+    patience: int,
+    first_exact: int,
+) -> _Segment:
+    """Jacobi on rows `[start, stop)` of samples `rows`, earlier rows frozen; updates `x`.
+
+    After `k` iterations rows `< start + first_exact + k` are exact, so they are not updated
+    again, and the loop ends at `stop` at the latest (the exactness bound). A sample leaves
+    the active set when its max-abs update is `<= atol + tol * max|x_segment|`, or when its
+    update is non-finite or has grown `patience` times in a row (then it is re-solved with
+    halved segments from its exact prefix, down to serial).
+    """
+    batch = x.shape[0]
+    iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
+    status = torch.zeros(batch, dtype=torch.long, device=x.device)
+    x0 = x[:, start:stop].clone()
+    history: list[tuple[Tensor, Tensor]] = []
+    previous = torch.full((batch,), math.inf, dtype=x.dtype, device=x.device)
+    growth = torch.zeros(batch, dtype=torch.long, device=x.device)
+    bad_rows: list[tuple[Tensor, int]] = []
+    exact = start + first_exact
+    active = rows
+    for _ in range(max_iters):
+        if exact >= stop or active.numel() == 0:
+            break
+        x_active = x[active]
+        new = ev.update(x_active, active, exact, stop)
+        delta = (new - x_active[:, exact:stop]).abs().amax(dim=(1, 2))
+        scale = new.abs().amax(dim=(1, 2))
+        x[active, exact:stop] = new
+        exact += 1
+        iterations[active] += 1
+        history.append((active, delta))
+        if exact >= stop:
+            break
+        grew = delta > previous[active]
+        growth[active] = torch.where(grew, growth[active] + 1, torch.zeros_like(growth[active]))
+        previous[active] = delta
+        bad = ~torch.isfinite(delta) | (growth[active] >= patience)
+        done = bad | (delta <= atol + tol * scale)
+        if bool(bad.any()):
+            bad_rows.append((active[bad], exact))
+        active = active[~done]
+    if exact < stop and active.numel():
+        status[active] = Status.MAX_ITERS
+    residuals = torch.full((len(history), batch), math.nan, dtype=x.dtype, device=x.device)
+    for k, (members, delta) in enumerate(history):
+        residuals[k, members] = delta
+    for members, exact_upto in bad_rows:
+        _fall_back(ev, x, x0, start, exact_upto, stop, members, tol=tol, atol=atol,
+                   patience=patience)
+        status[members] = Status.FELL_BACK
+    return _Segment(iterations, residuals, status)
+
+
+def _fall_back(
+    ev: Evaluator,
+    x: Tensor,
+    x0: Tensor,
+    seg_start: int,
+    exact: int,
+    stop: int,
+    rows: Tensor,
+    **options: Any,
+) -> None:
+    """Re-solve rows `[exact, stop)` of samples `rows` by GS-Jacobi on two halves.
+
+    Rows `< exact` are exact; the rest restart from the segment's initial guess `x0`. Each
+    half falls back again if it diverges, so the recursion ends at serial (length-1 halves
+    are exact after one iteration).
+    """
+    x[rows, exact:stop] = x0[rows, exact - seg_start :]
+    middle = (exact + stop + 1) // 2
+    for lo, hi in ((exact, middle), (middle, stop)):
+        if lo >= hi:
+            continue
+        _jacobi_segment(ev, x, lo, hi, rows, max_iters=hi - lo, first_exact=0, **options)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """Base of the solvers: an immutable description of how to invert one block."""
+
+    def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
+        """Invert `block` for noise `z` (`(B, T, D)`): returns `x` and its statistics."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, repr=False)
+class Serial(Solver):
+    r"""Invert one position at a time: $T$ steps, the reference every other solver matches.
+
+    With a KV-cached block ([`CachedARBlock`][arflow_solvers.CachedARBlock]) each step
+    evaluates one position; otherwise each step is a full network pass.
+
+    Arguments:
+        update_dtype: compute `exp(log_sigma) * z + mu` in this dtype (e.g. `torch.float32`
+            for a bfloat16 model); `None` keeps the iterate's dtype.
+
+    Example:
+        >>> import torch
+        >>> from arflow_solvers import Serial, solve_inverse
+        >>> class Doubler:  # x_t = z_t + 2 x_{t-1}
+        ...     seq_len = 4
+        ...     def affine(self, x, cond=None):
+        ...         mu = 2 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        ...         return mu, torch.zeros_like(x)
+        >>> solve_inverse(Doubler(), torch.ones(1, 4, 1), Serial()).flatten().tolist()
+        [1.0, 3.0, 7.0, 15.0]
+    """
+
+    update_dtype: torch.dtype | None = None
+
+    def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
+        _sync(z)
+        began = time.perf_counter()
+        ev = Evaluator(block, z, cond, self.update_dtype)
+        batch, seq_len = z.shape[:2]
+        x = torch.zeros_like(z)
+        for t in range(seq_len):
+            x[:, t : t + 1] = ev.update(x, None, t, t + 1)
+            ev.commit(x, t + 1)
+        _sync(z)
+        stats = BlockStats(
+            index=index,
+            solver=repr(self),
+            bounds=tuple((t, t + 1) for t in range(seq_len)),
+            iterations=torch.ones(batch, seq_len, dtype=torch.long),
+            residuals=(),
+            status=_nonfinite_status(x, torch.zeros(batch, dtype=torch.long, device=z.device)),
+            passes=ev.passes,
+            work=ev.work,
+            wall_time=time.perf_counter() - began,
+        )
+        return x, stats
+
+    def __repr__(self) -> str:
+        return _repr(self, ("update_dtype",))
+
+
+def _nonfinite_status(x: Tensor, status: Tensor) -> Tensor:
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    return torch.where(finite, status, torch.full_like(status, Status.NONFINITE)).cpu()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Iterative(Solver):
+    """Options shared by the Jacobi-type solvers (all keyword-only)."""
+
+    tol: float = 1e-5
+    atol: float = 0.0
+    max_iters: int | None = None
+    init: inits.Init = field(default=inits.noise)
+    patience: int = 4
+    update_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.tol >= 0 and self.atol >= 0):
+            raise ValueError(f"tol and atol must be >= 0; got tol={self.tol}, atol={self.atol}")
+        if self.max_iters is not None and (
+            not isinstance(self.max_iters, int) or self.max_iters < 1
+        ):
+            raise ValueError(f"max_iters must be None or an int >= 1; got {self.max_iters!r}")
+        if not callable(self.init):
+            raise TypeError(f"init must be callable init(block, z, cond) -> x0; got {self.init!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience must be an int >= 1; got {self.patience!r}")
+
+    def _segments(self) -> int | tuple[int, ...]:
+        return 1
+
+    def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
+        _sync(z)
+        began = time.perf_counter()
+        batch, seq_len = z.shape[:2]
+        bounds = segment_bounds(seq_len, self._segments())
+        x = self.init(block, z, cond)
+        if not isinstance(x, Tensor) or x.shape != z.shape or x.dtype != z.dtype:
+            raise ValueError(
+                f"init must return a tensor shaped and typed like z {tuple(z.shape)} {z.dtype}; "
+                f"got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        x = x.clone()
+        ev = Evaluator(block, z, cond, self.update_dtype)
+        everyone = torch.arange(batch, device=z.device)
+        first_exact = inits.exact_prefix(self.init)
+        outcomes = []
+        for m, (start, stop) in enumerate(bounds):
+            cap = stop - start if self.max_iters is None else self.max_iters
+            outcomes.append(
+                _jacobi_segment(
+                    ev, x, start, stop, everyone, max_iters=cap, tol=self.tol, atol=self.atol,
+                    patience=self.patience, first_exact=first_exact if m == 0 else 0,
+                )
+            )
+            ev.commit(x, stop)
+        _sync(z)
+        status = torch.stack([o.status for o in outcomes]).amax(0)
+        stats = BlockStats(
+            index=index,
+            solver=repr(self),
+            bounds=bounds,
+            iterations=torch.stack([o.iterations for o in outcomes], 1).cpu(),
+            residuals=tuple(o.residuals.cpu() for o in outcomes),
+            status=_nonfinite_status(x, status),
+            passes=ev.passes,
+            work=ev.work,
+            wall_time=time.perf_counter() - began,
+        )
+        return x, stats
+
+
+@dataclass(frozen=True, repr=False)
+class Jacobi(_Iterative):
+    r"""Update all positions in parallel: $X^{k+1} = \Sigma(X^k) Z + M(X^k)$.
+
+    **Exactness.** After `k` iterations the first `k` positions equal the serial answer
+    (`k + 1` from an initial guess whose first position is exact), so with `max_iters=None`
+    (the bound, `T`) the result equals serial inversion in exact arithmetic and never costs
+    more network passes than serial. In floating point it agrees to rounding, and
+    bit-identically for blocks evaluated by full passes (masked entries add exact zeros).
+
+    **Stopping.** Per sample: stop when `max|x^{k+1} - x^k| <= atol + tol * max|x^{k+1}|`.
+    Scale free, unlike the paper's `||dX|| / (B T C)`. `tol=0` iterates until the iterate
+    stops changing (or the bound).
+
+    **Work saved.** Exact positions are not updated again; converged samples leave the
+    batch; a KV-cached block evaluates only the positions not yet exact.
+
+    **Divergence.** A sample whose update is non-finite or grows `patience` iterations in a
+    row is re-solved from its exact prefix with halved segments, down to serial; its status
+    is then `FELL_BACK`.
+
+    Arguments:
+        tol: relative tolerance of the stopping rule.
+        atol: absolute tolerance of the stopping rule.
+        max_iters: iterations at most; `None` means the exactness bound.
+        init: initial guess, `init(block, z, cond) -> x0` (see `arflow_solvers.init`).
+        patience: consecutive growing updates that count as divergence.
+        update_dtype: dtype in which `exp(log_sigma) * z + mu` is computed (`None`: the
+            iterate's); e.g. `torch.float32` for a bfloat16 model.
+
+    References:
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        https://arxiv.org/abs/2505.12849
+
+    Example:
+        >>> Jacobi(max_iters=10)
+        Jacobi(max_iters=10)
+    """
+
+    def __repr__(self) -> str:
+        return _repr(self, ("tol", "atol", "max_iters", "init", "patience", "update_dtype"))
+
+
+@dataclass(frozen=True, repr=False)
+class GSJacobi(_Iterative):
+    r"""Gauss-Seidel over segments, Jacobi within each: the paper's GS-Jacobi iteration.
+
+    The `T` positions are split into segments; segment `m` is solved by Jacobi,
+    $X^{k+1}_m = \Sigma_m(X^k) Z_m + M_m(X^k)$, with segments `< m` frozen. One segment is
+    [`Jacobi`][arflow_solvers.Jacobi]; `T` segments is [`Serial`][arflow_solvers.Serial].
+    The exactness bound is per segment (its length), so `max_iters=None` again gives the
+    serial answer; stopping, work saving and divergence handling are as in `Jacobi`, per
+    segment. A KV-cached block commits each finished segment to its cache once.
+
+    Arguments:
+        segments: a count (split as evenly as possible, as in the paper) or the segment
+            lengths, which must sum to `T`.
+        tol: relative tolerance of the stopping rule.
+        atol: absolute tolerance of the stopping rule.
+        max_iters: Jacobi iterations per segment at most; `None` means the segment length.
+        init: initial guess, `init(block, z, cond) -> x0`.
+        patience: consecutive growing updates that count as divergence.
+        update_dtype: dtype in which the affine update is computed.
+
+    References:
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        https://arxiv.org/abs/2505.12849
+
+    Example:
+        >>> import torch
+        >>> from arflow_solvers import GSJacobi, Serial, solve_inverse
+        >>> class Doubler:  # x_t = z_t + 2 x_{t-1}
+        ...     seq_len = 6
+        ...     def affine(self, x, cond=None):
+        ...         mu = 2 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        ...         return mu, torch.zeros_like(x)
+        >>> z = torch.randn(2, 6, 1, dtype=torch.float64)
+        >>> x = solve_inverse(Doubler(), z, GSJacobi(3, tol=0.0))
+        >>> bool(torch.equal(x, solve_inverse(Doubler(), z, Serial())))
+        True
+    """
+
+    segments: Union[int, tuple[int, ...]] = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.segments, (list, tuple)):
+            lengths = tuple(int(n) for n in self.segments)
+            if not lengths or min(lengths) < 1:
+                raise ValueError(f"segments must be positive lengths; got {list(self.segments)}")
+            object.__setattr__(self, "segments", lengths)
+        elif isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+            raise ValueError(
+                f"segments must be an int >= 1 or a list of lengths; got {self.segments!r}"
+            )
+        super().__post_init__()
+
+    def _segments(self) -> int | tuple[int, ...]:
+        return self.segments
+
+    def __repr__(self) -> str:
+        return _repr(self, ("segments", "tol", "atol", "max_iters", "init", "patience", "update_dtype"))
+
+
+_DEFAULTS = {"segments": 1, "tol": 1e-5, "atol": 0.0, "max_iters": None, "init": inits.noise,
+             "patience": 4, "update_dtype": None}
+
+
+def _repr(solver: Solver, names: Sequence[str]) -> str:
+    shown = []
+    for name in names:
+        value = getattr(solver, name)
+        if value is _DEFAULTS[name] or value == _DEFAULTS[name] and name != "init":
+            continue
+        text = getattr(value, "__name__", None) if name == "init" else None
+        shown.append(f"{name}={text or repr(value)}")
+    return f"{type(solver).__name__}({', '.join(shown)})"

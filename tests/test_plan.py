@@ -1,0 +1,76 @@
+"""Plans: the paper's notation round-trips, and plans pick the right solver per block."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from arflow_solvers import GSJacobi, Jacobi, Plan, Serial
+from arflow_solvers.plan import as_plan
+
+
+def test_paper_examples_parse_to_the_stated_solvers():
+    plan = Plan.parse("[6-8-32-10]", num_blocks=8)
+    assert plan.solver_for(6) == GSJacobi(8, max_iters=32)
+    assert all(plan.solver_for(i) == Jacobi(max_iters=10) for i in range(8) if i != 6)
+    plan = Plan.parse("[0/7-16/8-10/13-6]", num_blocks=8)
+    assert plan.solver_for(0) == GSJacobi(16, max_iters=10)
+    assert plan.solver_for(7) == GSJacobi(8, max_iters=13)
+    assert plan.solver_for(3) == Jacobi(max_iters=6)
+
+
+def test_a_cap_of_star_is_the_exactness_bound():
+    plan = Plan.parse("[2-4-*-*]")
+    assert plan.solver_for(2).max_iters is None and plan.default.max_iters is None
+    assert str(plan) == "[2-4-*-*]"
+
+
+caps = st.one_of(st.none(), st.integers(1, 99))
+
+
+@given(st.dictionaries(st.integers(0, 15), st.tuples(st.integers(1, 64), caps), max_size=5), caps)
+def test_notation_round_trips(tough, rest):
+    plan = Plan(Jacobi(max_iters=rest), {i: GSJacobi(m, max_iters=c) for i, (m, c) in tough.items()})
+    text = str(plan)
+    assert text.startswith("[")
+    assert Plan.parse(text) == plan
+    assert str(Plan.parse(text)) == text
+
+
+@given(st.text(max_size=20))
+def test_parser_accepts_only_the_notation(text):
+    try:
+        plan = Plan.parse(text)
+    except ValueError:
+        return
+    assert str(plan) == text.strip().replace(" ", "") or Plan.parse(str(plan)) == plan
+
+
+@pytest.mark.parametrize("bad", ["", "6-8-32-10", "[6-8-32]", "[a-1-2-3]", "[1/2-3-4-5]",
+                                 "[1/1-2/2-3/3-4]", "[3-0-5-5]", "[-1]"])
+def test_bad_plan_strings_raise_value_error(bad):
+    with pytest.raises(ValueError, match="plan"):
+        Plan.parse(bad)
+
+
+def test_stack_indices_are_checked_against_the_flow():
+    with pytest.raises(ValueError, match="block 8 does not exist"):
+        Plan.parse("[8-4-10-10]", num_blocks=8)
+    with pytest.raises(ValueError, match="overrides blocks"):
+        as_plan(Plan(Jacobi(), {5: Serial()}), num_blocks=3)
+
+
+def test_plans_that_the_notation_cannot_express_print_as_python():
+    plan = Plan(Serial(), {1: Jacobi(tol=1e-3)})
+    assert str(plan) == "Plan(Serial(), {1: Jacobi(tol=0.001)})"
+
+
+def test_plans_save_and_load(tmp_path):
+    plan = Plan(Jacobi(max_iters=7, tol=1e-4), {0: GSJacobi([3, 5], tol=1e-4), 2: Serial()})
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+
+
+def test_a_plan_can_be_one_solver_or_a_string():
+    assert as_plan(Serial()) == Plan(Serial())
+    assert as_plan("[10]") == Plan(Jacobi(max_iters=10))
+    with pytest.raises(TypeError, match="plan must be"):
+        as_plan(10)

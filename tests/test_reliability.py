@@ -1,0 +1,143 @@
+"""Bad input raises errors that name the argument; divergence falls back to serial."""
+
+import pytest
+import torch
+
+from arflow_solvers import (GSJacobi, Jacobi, Plan, Serial, SolveError, Status, Flow, Permute, solve,
+                            solve_inverse)
+from toys import CausalMLP, Explosive, Recurrence, serial_reference
+
+
+def z_for(block, batch=2, dim=1, dtype=torch.float64):
+    return torch.randn(batch, block.seq_len, dim, dtype=dtype, generator=torch.Generator().manual_seed(0))
+
+
+def test_wrong_sequence_length_names_the_shape():
+    block = CausalMLP(5, 2)
+    with pytest.raises(ValueError, match=r"T=5"):
+        solve_inverse(block, torch.zeros(1, 4, 2, dtype=torch.float64), Jacobi())
+
+
+def test_non_finite_noise_is_rejected():
+    block = CausalMLP(3, 1)
+    z = z_for(block)
+    z[0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_inverse(block, z, Jacobi())
+
+
+def test_integer_noise_and_non_tensors_are_type_errors():
+    block = CausalMLP(3, 1)
+    with pytest.raises(TypeError, match="floating-point"):
+        solve_inverse(block, torch.zeros(1, 3, 1, dtype=torch.long), Jacobi())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        solve_inverse(block, [[0.0]], Jacobi())
+
+
+def test_objects_that_are_not_blocks_are_type_errors():
+    with pytest.raises(TypeError, match="block_or_flow"):
+        solve_inverse(object(), torch.zeros(1, 3, 1), Jacobi())
+
+
+def test_a_block_returning_the_wrong_shape_is_named():
+    class Broken:
+        seq_len = 4
+        def affine(self, x, cond=None):
+            return x[:, :-1], x[:, :-1]
+    with pytest.raises(ValueError, match=r"block.affine returned shape \(1, 3, 1\)"):
+        solve_inverse(Broken(), torch.zeros(1, 4, 1), Jacobi())
+
+
+def test_module_dtype_mismatch_is_a_type_error():
+    linear = torch.nn.Linear(1, 2)
+
+    class Module(torch.nn.Module):
+        seq_len = 3
+        def __init__(self):
+            super().__init__()
+            self.net = linear
+        def affine(self, x, cond=None):
+            return torch.zeros_like(x), torch.zeros_like(x)
+
+    with pytest.raises(TypeError, match="float32 parameters but its input is torch.float64"):
+        solve_inverse(Module(), torch.zeros(1, 3, 1, dtype=torch.float64), Jacobi())
+
+
+@pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iters": 0}, {"patience": 0}, {"init": 3}])
+def test_bad_solver_options_raise(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        Jacobi(**kwargs)
+
+
+@pytest.mark.parametrize("segments", [0, [3, 0], [], 2.5])
+def test_bad_segments_raise(segments):
+    with pytest.raises(ValueError, match="segments"):
+        GSJacobi(segments)
+
+
+def test_segment_lengths_must_cover_the_sequence():
+    with pytest.raises(ValueError, match="sum to seq_len=5"):
+        solve_inverse(CausalMLP(5, 1), torch.zeros(1, 5, 1, dtype=torch.float64), GSJacobi([2, 2]))
+
+
+def test_empty_batch_returns_an_empty_result():
+    block = CausalMLP(4, 2)
+    sol = solve(block, torch.zeros(0, 4, 2, dtype=torch.float64), Jacobi())
+    assert sol.x.shape == (0, 4, 2) and sol.status is Status.CONVERGED
+
+
+def test_growing_residual_falls_back_and_still_returns_the_serial_answer():
+    block = Recurrence(seq_len=24, gain=3.0)
+    z = z_for(block)
+    sol = solve(block, z, Jacobi(tol=1e-12))
+    assert sol.status is Status.FELL_BACK
+    expected = serial_reference(block, z)
+    assert torch.allclose(sol.x, expected, rtol=1e-10, atol=0)
+
+
+def test_non_finite_iterates_fall_back_without_leaking_nan():
+    block = Explosive()
+    z = torch.full((3, 12, 1), 0.01, dtype=torch.float64)
+    huge_guess = lambda block, z, cond: torch.full_like(z, 30.0)
+    sol = solve(block, z, GSJacobi(2, tol=1e-12, init=huge_guess))
+    assert sol.status is Status.FELL_BACK
+    assert torch.isfinite(sol.x).all()
+    assert torch.allclose(sol.x, serial_reference(block, z), rtol=1e-12, atol=0)
+
+
+def test_a_block_that_overflows_serially_reports_nonfinite():
+    block = Recurrence(seq_len=8, gain=1.0, log_sigma=800.0)
+    z = torch.ones(1, 8, 1, dtype=torch.float64)
+    with pytest.raises(SolveError):
+        solve_inverse(block, z, Serial())
+    assert solve(block, z, Jacobi(), throw=False).status is Status.NONFINITE
+
+
+def test_a_flow_is_inverted_step_by_step_in_sampling_order():
+    first, second = CausalMLP(6, 2, seed=1), CausalMLP(6, 2, seed=2)
+    reverse = Permute(list(range(5, -1, -1)))
+    z = torch.randn(3, 6, 2, dtype=torch.float64)
+    expected = serial_reference(second, reverse(serial_reference(first, z)))
+    sol = solve(Flow([first, reverse, second]), z, Plan.parse("[1-3-*-*]", tol=0.0))
+    assert torch.allclose(sol.x, expected, atol=1e-10, rtol=0)
+    assert [b.index for b in sol.blocks] == [0, 1]
+    assert sol.blocks[1].solver == "GSJacobi(segments=3, tol=0.0)"
+
+
+def test_conditioning_reaches_the_block_and_follows_the_active_samples():
+    block = CausalMLP(6, 1, seed=4)
+    z = z_for(block, batch=4)
+    cond = torch.tensor([0.0, 1.0, -2.0, 3.0], dtype=torch.float64)
+    z[0] = 0.0  # this sample converges early, so later passes see a subset of cond
+    x = solve_inverse(block, z, Jacobi(tol=1e-14), cond=cond)
+    assert torch.allclose(x, serial_reference(block, z, cond), atol=1e-10, rtol=0)
+
+
+def test_solution_reports_per_sample_statistics_as_json():
+    block = CausalMLP(8, 1)
+    sol = solve(block, z_for(block, batch=3), GSJacobi(2, max_iters=2, tol=0.0))
+    stats = sol.blocks[0]
+    assert stats.iterations.shape == (3, 2) and (stats.iterations == 2).all()
+    assert stats.residuals[0].shape == (2, 3)
+    assert sol.status is Status.MAX_ITERS
+    assert '"status": "MAX_ITERS"' in sol.to_json()
