@@ -2,7 +2,9 @@
 
 from . import init
 from .flow import Flow, Permute
+from .metrics import crm, flow_metrics, igm, iterations_to_tolerance
 from .plan import Plan
+from .planners import CalibratedPlanner, MetricPlanner
 from .protocol import AffineARBlock, CachedARBlock, CausalMapBlock, HasOutputProjection
 from .solution import BlockStats, Solution, SolveError, Status
 from .solve import solve, solve_inverse
@@ -11,12 +13,14 @@ from .solvers import GSJacobi, Jacobi, Serial, Solver, segment_bounds
 __all__ = [
     "AffineARBlock",
     "BlockStats",
+    "CalibratedPlanner",
     "CachedARBlock",
     "CausalMapBlock",
     "Flow",
     "GSJacobi",
     "HasOutputProjection",
     "Jacobi",
+    "MetricPlanner",
     "Permute",
     "Plan",
     "Serial",
@@ -24,7 +28,11 @@ __all__ = [
     "SolveError",
     "Solver",
     "Status",
+    "crm",
+    "flow_metrics",
+    "igm",
     "init",
+    "iterations_to_tolerance",
     "segment_bounds",
     "solve",
     "solve_inverse",

@@ -1,0 +1,243 @@
+"""Planners: choose, per block, how many segments and iterations to spend."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import init as inits
+from .flow import Flow
+from .metrics import BlockMetrics, BlockTrace, Norm, flow_metrics, trace
+from .plan import Plan
+from .solvers import GSJacobi, Jacobi, Serial, Solver
+
+__all__ = ["select_tough", "MetricPlanner", "CalibratedPlanner", "Calibration", "Candidate"]
+
+
+def select_tough(crms: Sequence[float], dominance: float = 2.0, max_tough: int | None = None) -> list[int]:
+    """Indices of the tough blocks: repeatedly take the block whose CRM dominates.
+
+    The block with the largest CRM among those not yet taken is tough while its CRM exceeds
+    `dominance` times the median CRM of all blocks; taking stops at the first block that
+    does not dominate (or after `max_tough`). The median, not the mean of the rest, is the
+    reference so that one easy block's tiny CRM cannot make its neighbour look tough.
+
+    Example:
+        >>> select_tough([1.0, 1.2, 9.0, 0.9, 3.1, 1.1], dominance=2.0)
+        [2, 4]
+    """
+    if dominance <= 1.0:
+        raise ValueError(f"dominance must be > 1; got {dominance}")
+    if not crms:
+        return []
+    reference = statistics.median(crms)
+    ranked = sorted(range(len(crms)), key=lambda i: crms[i], reverse=True)
+    tough = [i for i in ranked if crms[i] > dominance * reference]
+    return tough if max_tough is None else tough[:max_tough]
+
+
+@dataclass(frozen=True)
+class MetricPlanner:
+    """The paper's planner: IGM picks the initial guess, CRM picks the tough blocks.
+
+    The initial guess (`Z` or `Z0`) with the smaller IGM summed over blocks is used
+    everywhere. Tough blocks (see [`select_tough`][arflow_solvers.planners.select_tough])
+    get `GSJacobi(segments, max_iters=gs_iters)`, the rest `Jacobi(max_iters=else_iters)`,
+    so the plan prints in the paper's `[Stack-GS-J-Else]` notation. Blocks without an
+    output projection (no CRM) are never tough.
+
+    Arguments:
+        dominance: how many times the mean CRM of the rest a block's CRM must exceed.
+        max_tough: at most this many tough blocks (`None`: no limit).
+        segments: GS segments of a tough block.
+        gs_iters: iteration cap per segment of a tough block (`None`: the bound).
+        else_iters: iteration cap of the other blocks (`None`: the bound).
+        tol: tolerance of every solver.
+        norm: matrix norm of the metrics.
+
+    References:
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        https://arxiv.org/abs/2505.12849
+    """
+
+    dominance: float = 2.0
+    max_tough: int | None = None
+    segments: int = 8
+    gs_iters: int | None = None
+    else_iters: int | None = None
+    tol: float = 1e-5
+    norm: Norm = "spectral"
+
+    def plan_from_metrics(self, metrics: Sequence[BlockMetrics]) -> Plan:
+        """The plan for a flow whose per-block metrics are given."""
+        use_zeros = sum(m.igm_zeros_first_exact for m in metrics) < sum(m.igm_noise for m in metrics)
+        init = inits.zeros_first_exact if use_zeros else inits.noise
+        crms = [m.crm if m.crm is not None else 0.0 for m in metrics]
+        tough = select_tough(crms, self.dominance, self.max_tough)
+        default = Jacobi(tol=self.tol, max_iters=self.else_iters, init=init)
+        overrides = {i: GSJacobi(self.segments, tol=self.tol, max_iters=self.gs_iters, init=init)
+                     for i in sorted(tough)}
+        return Plan(default, overrides)
+
+    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None) -> Plan:
+        """Measure the metrics on a calibration batch `z` and return the plan."""
+        return self.plan_from_metrics(flow_metrics(flow, z, cond, self.tol, self.norm))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One solver tried on one block during calibration."""
+
+    solver: str
+    passes: int
+    work: float
+    max_error: float
+    expected_seconds: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What [`CalibratedPlanner`][arflow_solvers.planners.CalibratedPlanner] measured and chose.
+
+    Attributes:
+        plan: the chosen plan.
+        candidates: per block, every candidate tried.
+        chosen: per block, the index of the chosen candidate.
+        seconds_per_pass: per block, `(per call, per full pass)` seconds used by the cost model.
+        expected_speedup: modelled serial time over modelled plan time.
+    """
+
+    plan: Plan
+    candidates: list[list[Candidate]]
+    chosen: list[int]
+    seconds_per_pass: list[tuple[float, float]]
+    expected_speedup: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.plan.to_dict(),
+            "plan": str(self.plan),
+            "expected_speedup": self.expected_speedup,
+            "blocks": [
+                {"chosen": c, "seconds_per_call": s[0], "seconds_per_pass": s[1],
+                 "candidates": [vars(k) for k in cands]}
+                for c, s, cands in zip(self.chosen, self.seconds_per_pass, self.candidates)
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class CalibratedPlanner:
+    """Beyond the paper: choose per block the solver with the least modelled wall time.
+
+    On a calibration batch, each block is solved serially (the reference) and by
+    `GSJacobi(m, tol=tol)` for each `m` in `segments`. A candidate is admissible when its
+    max-abs error vs serial is at most `max_error`; among those (and `Serial`, always
+    admissible) the block gets the one with the least modelled time
+    `passes * seconds_per_call + work * seconds_per_pass`, both measured on the block
+    (median of `repeats` timings) unless `cost` fixes them. With `cost` given the result is
+    deterministic given the seed; with measured costs it can differ between runs whose
+    timings differ. `plan(..., cache=path)` writes the result as a JSON file that
+    [`Plan.load`][arflow_solvers.Plan.load] reads, and reuses it when it exists.
+
+    Arguments:
+        tol: tolerance of the candidate solvers.
+        max_error: largest admissible max-abs error vs serial on the calibration batch.
+        segments: segment counts to try (1 is Jacobi).
+        init: initial guess of the candidates.
+        repeats: timings per block for the cost model.
+        cost: `(seconds_per_call, seconds_per_pass)` for every block instead of measuring.
+        seed: seeds torch before calibrating.
+    """
+
+    tol: float = 1e-5
+    max_error: float = 1e-4
+    segments: tuple[int, ...] = (1, 2, 4, 8, 16)
+    init: inits.Init = field(default=inits.noise)
+    repeats: int = 3
+    cost: tuple[float, float] | None = None
+    seed: int = 0
+
+    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None) -> Plan:
+        """Calibrate on `z` and return the plan (read from `cache` when it exists)."""
+        if cache is not None and Path(cache).exists():
+            return Plan.load(cache)
+        calibration = self.calibrate(flow, z, cond)
+        if cache is not None:
+            Path(cache).write_text(json.dumps(calibration.to_dict(), indent=2))
+        return calibration.plan
+
+    def calibrate(self, flow: Flow | Any, z: Tensor, cond: Any = None) -> Calibration:
+        """Measure every candidate on every block; see the class docstring."""
+        torch.manual_seed(self.seed)
+        traces = trace(flow, z, cond)
+        solvers: list[Solver] = []
+        all_candidates, chosen, costs = [], [], []
+        serial_total = plan_total = 0.0
+        for t in traces:
+            cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
+            options = [Serial(), *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments)]
+            candidates = [_try(t, solver, cost) for solver in options]
+            admissible = [i for i, c in enumerate(candidates) if c.max_error <= self.max_error]
+            best = min(admissible, key=lambda i: candidates[i].expected_seconds)
+            solvers.append(_simplest(options[best]))
+            all_candidates.append(candidates)
+            chosen.append(best)
+            costs.append(cost)
+            serial_total += candidates[0].expected_seconds
+            plan_total += candidates[best].expected_seconds
+        return Calibration(_as_plan(solvers), all_candidates, chosen, costs,
+                           serial_total / max(plan_total, 1e-12))
+
+
+def _simplest(solver: Solver) -> Solver:
+    if isinstance(solver, GSJacobi) and solver.segments == 1:
+        return Jacobi(tol=solver.tol, init=solver.init)
+    return solver
+
+
+def _as_plan(solvers: Sequence[Solver]) -> Plan:
+    default = Counter(solvers).most_common(1)[0][0] if solvers else Jacobi()
+    return Plan(default, {i: s for i, s in enumerate(solvers) if s != default})
+
+
+def _try(t: BlockTrace, solver: Solver, cost: tuple[float, float]) -> Candidate:
+    x, stats = solver.solve(t.block, t.z, t.cond, t.index)
+    error = (x - t.x).abs().max().item() if x.numel() else 0.0
+    seconds = stats.passes * cost[0] + stats.work * cost[1]
+    return Candidate(repr(solver), stats.passes, stats.work, error, seconds)
+
+
+def _measure_costs(t: BlockTrace, repeats: int) -> tuple[float, float]:
+    """`(seconds per call, seconds per full pass)` of one block, from two timings.
+
+    One Jacobi iteration costs `c + p` (one call, one full pass). For a KV-cached block,
+    serial costs `T c + p` (`T` one-position calls, one pass of work in all), which
+    separates the two; without a cache every call is a full pass and `c` is folded into `p`.
+    """
+    one_pass = _median_seconds(lambda: Jacobi(max_iters=1).solve(t.block, t.z, t.cond), repeats)
+    seq_len = t.z.shape[1]
+    if not callable(getattr(t.block, "affine_range", None)) or seq_len < 2:
+        return 0.0, one_pass
+    serial = _median_seconds(lambda: Serial().solve(t.block, t.z, t.cond), 1)
+    per_call = max(0.0, (serial - one_pass) / (seq_len - 1))
+    return per_call, max(0.0, one_pass - per_call)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    timings = []
+    for _ in range(max(1, repeats)):
+        began = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        timings.append(time.perf_counter() - began)
+    return statistics.median(timings)

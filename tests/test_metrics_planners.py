@@ -1,0 +1,121 @@
+"""IGM / CRM match hand computation; planners return valid plans that meet their tolerance."""
+
+import numpy as np
+import pytest
+import torch
+
+from arflow_solvers import (CalibratedPlanner, Flow, GSJacobi, Jacobi, MetricPlanner, Plan, Serial,
+                            crm, igm, init, iterations_to_tolerance, solve)
+from arflow_solvers.metrics import flow_metrics, trace
+from arflow_solvers.planners import select_tough
+from toys import CausalLinear, CausalMLP, serial_reference, shift_right
+
+
+class ProjectedBlock:
+    """mu = h W_u^T, log_sigma = h W_s^T with h_t = tanh(x_{t-1}) (D = H = 2)."""
+
+    seq_len = 5
+
+    def __init__(self, gain=1.0, seed=0, scale_gain=0.3):
+        g = torch.Generator().manual_seed(seed)
+        self.w_u = torch.randn(2, 2, generator=g, dtype=torch.float64) * gain
+        self.w_s = torch.randn(2, 2, generator=g, dtype=torch.float64) * scale_gain
+
+    def affine(self, x, cond=None):
+        h = torch.tanh(shift_right(x))
+        return h @ self.w_u.T, h @ self.w_s.T
+
+    def output_projection(self):
+        return self.w_u, self.w_s
+
+
+def test_igm_is_the_distance_of_one_iteration_from_the_answer():
+    block = CausalLinear(6, 2, seed=3)
+    z = torch.randn(4, 6, 2, dtype=torch.float64)
+    x_star = serial_reference(block, z)
+    mu, log_sigma = block.affine(z)
+    one_step = (np.exp(log_sigma.numpy()) * z.numpy() + mu.numpy() - x_star.numpy())
+    expected = np.mean([np.linalg.norm(m, 2) for m in one_step])
+    assert igm(block, z, x_star, init.noise) == pytest.approx(expected, rel=1e-12)
+    expected_fro = np.mean([np.linalg.norm(m, "fro") for m in one_step])
+    assert igm(block, z, x_star, init.noise, norm="frobenius") == pytest.approx(expected_fro, rel=1e-12)
+
+
+def test_igm_is_zero_when_one_iteration_lands_on_the_answer():
+    block = CausalLinear(1, 3)  # one position: a single iteration is exact
+    z = torch.randn(2, 1, 3, dtype=torch.float64)
+    assert igm(block, z, serial_reference(block, z), init.zeros) == pytest.approx(0.0, abs=1e-14)
+
+
+def test_crm_matches_hand_computation():
+    block = ProjectedBlock()
+    z = torch.randn(3, 5, 2, dtype=torch.float64)
+    x = serial_reference(block, z)
+    _, log_sigma = block.affine(x)
+    scaled = np.mean([np.linalg.norm(m, 2) for m in (np.exp(-log_sigma.numpy()) * x.numpy())])
+    expected = scaled * np.linalg.norm(block.w_s.numpy(), 2) + np.linalg.norm(block.w_u.numpy(), 2)
+    assert crm(block, x) == pytest.approx(expected, rel=1e-12)
+
+
+def test_crm_needs_an_output_projection():
+    with pytest.raises(TypeError, match="output_projection"):
+        crm(CausalLinear(3, 1), torch.zeros(1, 3, 1, dtype=torch.float64))
+
+
+def test_iterations_to_tolerance_never_exceed_the_bound():
+    block = CausalMLP(9, 2, seed=2)
+    z = torch.randn(5, 9, 2, dtype=torch.float64)
+    iterations = iterations_to_tolerance(block, z, tol=0.0)
+    assert iterations.shape == (5,) and bool((iterations <= 9).all()) and bool((iterations >= 1).all())
+
+
+@pytest.mark.parametrize("crms, tough", [
+    ([1.0, 1.1, 0.9, 1.2], []),                       # nothing dominates
+    ([1.0, 1.1, 12.0, 1.2], [2]),                     # one tough block, as in the paper's TarFlows
+    ([25.0, 1.1, 1.0, 6.0, 0.8, 1.0, 1.2, 1.1], [0, 3]),  # a second block dominates the rest
+])
+def test_tough_blocks_are_those_whose_crm_dominates(crms, tough):
+    assert select_tough(crms, dominance=2.0) == tough
+
+
+def test_dominance_and_max_tough_bound_the_selection():
+    crms = [100.0, 30.0, 9.0, 1.0, 1.0, 1.0, 1.0]  # median 1
+    assert select_tough(crms, dominance=2.0) == [0, 1, 2]
+    assert select_tough(crms, dominance=2.0, max_tough=1) == [0]
+    with pytest.raises(ValueError, match="dominance"):
+        select_tough(crms, dominance=1.0)
+
+
+def two_block_flow():
+    easy = dict(gain=0.2, scale_gain=0.01)
+    return Flow([ProjectedBlock(seed=1, **easy), ProjectedBlock(gain=6.0, seed=2),
+                 ProjectedBlock(seed=3, **easy)])
+
+
+def test_metric_planner_gives_the_dominant_block_gs_segments_in_paper_notation():
+    flow = two_block_flow()
+    z = 0.1 * torch.randn(8, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    metrics = flow_metrics(flow, z)
+    assert metrics[1].crm > 2 * max(metrics[0].crm, metrics[2].crm)
+    plan = MetricPlanner(segments=5, gs_iters=5, else_iters=5).plan(flow, z)
+    assert set(plan.overrides) == {1}
+    assert str(plan) == "[1-5-5-5]"
+    assert Plan.parse(str(plan), init=plan.default.init) == plan
+
+
+def test_calibrated_plan_meets_its_tolerance_and_is_cached(tmp_path):
+    flow = Flow([CausalMLP(12, 2, seed=s, weight_scale=w) for s, w in ((0, 0.5), (1, 2.5), (2, 0.5))])
+    z = torch.randn(6, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    planner = CalibratedPlanner(tol=1e-6, max_error=1e-5, cost=(1.0, 1.0))
+    calibration = planner.calibrate(flow, z)
+    again = planner.calibrate(flow, z)
+    assert calibration.plan == again.plan  # deterministic with a fixed cost model
+    for block, chosen in zip(calibration.candidates, calibration.chosen):
+        assert block[chosen].max_error <= 1e-5
+        assert block[chosen].expected_seconds == min(c.expected_seconds for c in block if c.max_error <= 1e-5)
+    assert calibration.expected_speedup > 1.0
+    x = solve(flow, z, calibration.plan).x
+    assert (x - solve(flow, z, Serial()).x).abs().max() <= 1e-5
+    path = tmp_path / "plan.json"
+    plan = planner.plan(flow, z, cache=path)
+    assert Plan.load(path) == plan == calibration.plan
