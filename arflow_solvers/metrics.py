@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from ._progress import progress
 
 from . import init as inits
 from ._evaluate import affine_update
@@ -146,11 +147,12 @@ class BlockMetrics:
 
 
 def flow_metrics(flow: Flow | Any, z: Tensor, cond: Any = None, tol: float = 1e-5,
-                 norm: Norm = "spectral", traces: Sequence[BlockTrace] | None = None) -> list[BlockMetrics]:
+                 norm: Norm = "spectral", traces: Sequence[BlockTrace] | None = None,
+                 show_progress: bool = False) -> list[BlockMetrics]:
     """Every block's metrics on a calibration batch `z` (a table row per block)."""
     traces = trace(flow, z, cond) if traces is None else traces
     rows = []
-    for t in traces:
+    for t in progress(traces, show_progress, desc="metrics", unit="block"):
         affine = callable(getattr(t.block, "affine", None))
         iterations = iterations_to_tolerance(t.block, t.z, tol, cond=t.cond).double()
         rows.append(BlockMetrics(

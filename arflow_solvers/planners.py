@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from ._progress import progress
 
 from . import init as inits
 from .flow import Flow
@@ -88,9 +89,12 @@ class MetricPlanner:
                      for i in sorted(tough)}
         return Plan(default, overrides)
 
-    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None) -> Plan:
+    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None,
+             show_progress: bool = False) -> Plan:
         """Measure the metrics on a calibration batch `z` and return the plan."""
-        return self.plan_from_metrics(flow_metrics(flow, z, cond, self.tol, self.norm))
+        return self.plan_from_metrics(
+            flow_metrics(flow, z, cond, self.tol, self.norm, show_progress=show_progress)
+        )
 
 
 @dataclass(frozen=True)
@@ -167,23 +171,25 @@ class CalibratedPlanner:
     cost: tuple[float, float] | None = None
     seed: int = 0
 
-    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None) -> Plan:
+    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None,
+             show_progress: bool = False) -> Plan:
         """Calibrate on `z` and return the plan (read from `cache` when it exists)."""
         if cache is not None and Path(cache).exists():
             return Plan.load(cache)
-        calibration = self.calibrate(flow, z, cond)
+        calibration = self.calibrate(flow, z, cond, show_progress)
         if cache is not None:
             Path(cache).write_text(json.dumps(calibration.to_dict(), indent=2))
         return calibration.plan
 
-    def calibrate(self, flow: Flow | Any, z: Tensor, cond: Any = None) -> Calibration:
+    def calibrate(self, flow: Flow | Any, z: Tensor, cond: Any = None,
+                  show_progress: bool = False) -> Calibration:
         """Measure every candidate on every block; see the class docstring."""
         torch.manual_seed(self.seed)
         traces = trace(flow, z, cond)
         solvers: list[Solver] = []
         all_candidates, chosen, costs = [], [], []
         serial_total = plan_total = 0.0
-        for t in traces:
+        for t in progress(traces, show_progress, desc="calibrating", unit="block"):
             cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
             options = [Serial(), *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments)]
             candidates = [_try(t, solver, cost) for solver in options]

@@ -120,3 +120,12 @@ def serial_reference(block, z: Tensor, cond=None) -> Tensor:
         mu, log_sigma = block.affine(x, cond)
         x[:, t] = torch.exp(log_sigma[:, t]) * z[:, t] + mu[:, t]
     return x
+
+
+def load_for_planning(path: str, batch: int, seed: int, device: str):
+    """A loader for the command line's `--model toys:load_for_planning` (ignores `path`)."""
+    from arflow_solvers import Flow, Permute
+
+    blocks = [CausalMLP(10, 2, seed=s, weight_scale=w, dtype=torch.float32) for s, w in ((0, 0.5), (1, 3.0))]
+    z = torch.randn(batch, 10, 2, generator=torch.Generator().manual_seed(seed))
+    return Flow([blocks[0], Permute(list(range(9, -1, -1))), blocks[1]]), z, None
