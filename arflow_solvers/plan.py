@@ -100,7 +100,9 @@ class Plan:
         Arguments:
             text: e.g. `"[6-8-32-10]"`, `"[0/7-16/8-10/13-6]"` or `"[10]"`.
             num_blocks: if given, stack indices must be below it.
-            tol, atol, init: shared by every solver of the plan.
+            tol: relative tolerance of every solver of the plan.
+            atol: absolute tolerance of every solver of the plan.
+            init: initial guess of every solver of the plan.
         """
         if not isinstance(text, str):
             raise TypeError(f"plan text must be a str; got {type(text).__name__}")
