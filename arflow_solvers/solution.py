@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Status", "BlockStats", "Solution", "SolveError"]
+__all__ = ["Status", "BlockStats", "Solution", "SolveError", "merge_block_stats"]
 
 
 class Status(enum.IntEnum):
@@ -151,3 +151,26 @@ class Solution:
     def to_json(self, **kwargs: Any) -> str:
         """`to_dict()` as a JSON string."""
         return json.dumps(self.to_dict(), **kwargs)
+
+
+def merge_block_stats(parts: list[BlockStats]) -> BlockStats:
+    """One block's statistics over several batch chunks, as if solved as one batch."""
+    sizes = [p.status.shape[0] for p in parts]
+    total = max(sum(sizes), 1)
+    residuals = []
+    for segment in range(len(parts[0].residuals)):
+        pieces = [p.residuals[segment] for p in parts]
+        length = max(r.shape[0] for r in pieces)
+        padded = [torch.cat([r, r.new_full((length - r.shape[0], r.shape[1]), float("nan"))]) for r in pieces]
+        residuals.append(torch.cat(padded, dim=1))
+    return BlockStats(
+        index=parts[0].index,
+        solver=parts[0].solver,
+        bounds=parts[0].bounds,
+        iterations=torch.cat([p.iterations for p in parts]),
+        residuals=tuple(residuals),
+        status=torch.cat([p.status for p in parts]),
+        passes=sum(p.passes for p in parts),
+        work=sum(p.work * n for p, n in zip(parts, sizes)) / total,
+        wall_time=sum(p.wall_time for p in parts),
+    )

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
-from .solution import BlockStats, Solution, SolveError, Status
+from ._evaluate import select_rows
+from .solution import BlockStats, Solution, SolveError, Status, merge_block_stats
 
 __all__ = ["solve", "solve_inverse"]
 
@@ -24,6 +25,7 @@ def solve(
     *,
     cond: Any = None,
     throw: bool = True,
+    max_batch: int | None = None,
 ) -> Solution:
     """Invert an autoregressive block or a whole flow for noise `z`, with statistics.
 
@@ -40,6 +42,10 @@ def solve(
         cond: conditioning passed to every block and step (class labels, context).
         throw: raise [`SolveError`][arflow_solvers.SolveError] if the result is not finite;
             with `False` the Solution's `status` says so instead.
+        max_batch: solve at most this many samples at a time (chunks along the batch), which
+            bounds peak memory by `max_batch x T x D` times a small constant; statistics are
+            merged as if solved at once. Each chunk is solved independently, so results are
+            the same whatever `max_batch` is, up to the rounding of the batch shapes.
 
     Returns:
         A [`Solution`][arflow_solvers.Solution].
@@ -59,6 +65,11 @@ def solve(
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)
     _check_noise(z)
+    if max_batch is not None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be None or an int >= 1; got {max_batch!r}")
+        if z.shape[0] > max_batch:
+            return _solve_in_chunks(flow, z, chosen, cond, throw, max_batch)
     began = time.perf_counter()
     stats: list[BlockStats] = []
     x = z
@@ -81,9 +92,14 @@ def solve(
 
 
 def solve_inverse(
-    block_or_flow: BlockOrFlow, z: Tensor, plan: PlanLike, *, cond: Any = None
+    block_or_flow: BlockOrFlow,
+    z: Tensor,
+    plan: PlanLike,
+    *,
+    cond: Any = None,
+    max_batch: int | None = None,
 ) -> Tensor:
-    """The one-liner: `solve(block_or_flow, z, plan, cond=cond).x`.
+    """The one-liner: `solve(block_or_flow, z, plan, cond=cond, max_batch=max_batch).x`.
 
     Raises [`SolveError`][arflow_solvers.SolveError] instead of returning non-finite samples.
 
@@ -98,7 +114,22 @@ def solve_inverse(
         >>> solve_inverse(Halver(), torch.ones(1, 4, 1), GSJacobi(2, tol=0.0)).flatten().tolist()
         [1.0, 1.5, 1.75, 1.875]
     """
-    return solve(block_or_flow, z, plan, cond=cond, throw=True).x
+    return solve(block_or_flow, z, plan, cond=cond, throw=True, max_batch=max_batch).x
+
+
+def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, max_batch: int) -> Solution:
+    began = time.perf_counter()
+    parts = []
+    for start in range(0, z.shape[0], max_batch):
+        rows = torch.arange(start, min(start + max_batch, z.shape[0]), device=z.device)
+        parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=throw))
+    blocks = tuple(merge_block_stats([p.blocks[i] for p in parts]) for i in range(len(parts[0].blocks)))
+    return Solution(
+        x=torch.cat([p.x for p in parts]),
+        status=max(p.status for p in parts),
+        blocks=blocks,
+        wall_time=time.perf_counter() - began,
+    )
 
 
 def _single(block: Any) -> Flow:

@@ -141,3 +141,16 @@ def test_solution_reports_per_sample_statistics_as_json():
     assert stats.residuals[0].shape == (2, 3)
     assert sol.status is Status.MAX_ITERS
     assert '"status": "MAX_ITERS"' in sol.to_json()
+
+
+def test_max_batch_splits_the_request_and_merges_the_statistics():
+    block = CausalMLP(7, 2, seed=6)
+    z = torch.randn(10, 7, 2, dtype=torch.float64)
+    whole = solve(block, z, GSJacobi(2, tol=0.0))
+    chunked = solve(block, z, GSJacobi(2, tol=0.0), max_batch=3)
+    assert torch.allclose(chunked.x, whole.x, atol=1e-12, rtol=0)
+    assert chunked.blocks[0].iterations.shape == (10, 2)
+    assert torch.equal(chunked.blocks[0].iterations, whole.blocks[0].iterations)
+    assert chunked.blocks[0].residuals[0].shape[1] == 10
+    with pytest.raises(ValueError, match="max_batch"):
+        solve(block, z, Jacobi(), max_batch=0)
