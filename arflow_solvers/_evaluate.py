@@ -26,9 +26,8 @@ def select_rows(cond: Any, rows: Tensor | None, batch_size: int) -> Any:
 def affine_update(z: Tensor, mu: Tensor, log_sigma: Tensor, dtype: torch.dtype | None) -> Tensor:
     """`exp(log_sigma) * z + mu`, optionally computed in `dtype` and cast back."""
     if dtype is None or dtype == z.dtype:
-        return torch.exp(log_sigma) * z + mu
-    out = torch.exp(log_sigma.to(dtype)) * z.to(dtype) + mu.to(dtype)
-    return out.to(z.dtype)
+        return torch.addcmul(mu, torch.exp(log_sigma), z)
+    return torch.addcmul(mu.to(dtype), torch.exp(log_sigma.to(dtype)), z.to(dtype)).to(z.dtype)
 
 
 class Evaluator:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._evaluate import affine_update
+
 __all__ = ["Init", "noise", "zeros", "zeros_first_exact", "exact_prefix"]
 
 Init = Callable[[Any, Tensor, Any], Tensor]
@@ -52,12 +54,12 @@ def zeros_first_exact(block: Any, z: Tensor, cond: Any = None) -> Tensor:
     if hasattr(block, "affine_range"):
         cache = block.init_cache(z, cond)
         mu, log_sigma = block.affine_range(cache, x0, 0, 1, cond, None)
-        x0[:, :1] = torch.exp(log_sigma) * z[:, :1] + mu
+        x0[:, :1] = affine_update(z[:, :1], mu, log_sigma, None)
     elif hasattr(block, "inverse_map"):
         x0[:, :1] = block.inverse_map(x0, z, cond)[:, :1]
     else:
         mu, log_sigma = block.affine(x0, cond)
-        x0[:, :1] = torch.exp(log_sigma[:, :1]) * z[:, :1] + mu[:, :1]
+        x0[:, :1] = affine_update(z[:, :1], mu[:, :1], log_sigma[:, :1], None)
     return x0
 
 

@@ -84,7 +84,6 @@ def _jacobi_segment(
     batch = x.shape[0]
     iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
     status = torch.zeros(batch, dtype=torch.long, device=x.device)
-    x0 = x[:, start:stop].clone()
     history: list[tuple[Tensor, Tensor]] = []
     previous = torch.full((batch,), math.inf, dtype=x.dtype, device=x.device)
     growth = torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -94,17 +93,16 @@ def _jacobi_segment(
     for _ in range(max_iters):
         if exact >= stop or active.numel() == 0:
             break
-        if drop_converged:
-            x_active = x[active]
-            new = ev.update(x_active, active, exact, stop)
-        else:  # evaluate every sample, so the network always sees the same batch shape
-            x_active = x[rows]
-            new = ev.update(x_active, rows, exact, stop)
-            position = torch.searchsorted(rows, active)
-            x_active, new = x_active[position], new[position]
-        delta = (new - x_active[:, exact:stop]).abs().amax(dim=(1, 2))
-        scale = new.abs().amax(dim=(1, 2))
-        x[active, exact:stop] = new
+        new = _evaluate(ev, x, rows, active, exact, stop, drop_converged)
+        everyone = active.numel() == batch
+        old = x[:, exact:stop] if everyone else x[active, exact:stop]
+        delta = (new - old).abs_().amax(dim=(1, 2))
+        scale = torch.maximum(new.amax(dim=(1, 2)), new.amin(dim=(1, 2)).neg())
+        if everyone:
+            x[:, exact:stop] = new
+        else:
+            x[active, exact:stop] = new
+        del new, old
         exact += 1
         iterations[active] += 1
         history.append((active, delta))
@@ -124,34 +122,47 @@ def _jacobi_segment(
     for k, (members, delta) in enumerate(history):
         residuals[k, members] = delta
     for members, exact_upto in bad_rows:
-        _fall_back(ev, x, x0, start, exact_upto, stop, members, tol=tol, atol=atol,
-                   patience=patience)
+        iterations += _fall_back(ev, x, exact_upto, stop, members, tol=tol, atol=atol,
+                                 patience=patience)
         status[members] = Status.FELL_BACK
     return _Segment(iterations, residuals, status)
+
+
+def _evaluate(ev: Evaluator, x: Tensor, rows: Tensor, active: Tensor, start: int, stop: int,
+              drop_converged: bool) -> Tensor:
+    """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
+    batch = x.shape[0]
+    if active.numel() == batch:
+        return ev.update(x, None, start, stop)
+    if drop_converged:
+        return ev.update(x[active], active, start, stop)
+    # Evaluate every sample of the segment so the network always sees the same batch shape.
+    new = ev.update(x, None, start, stop) if rows.numel() == batch else ev.update(x[rows], rows, start, stop)
+    return new[torch.searchsorted(rows, active)]
 
 
 def _fall_back(
     ev: Evaluator,
     x: Tensor,
-    x0: Tensor,
-    seg_start: int,
     exact: int,
     stop: int,
     rows: Tensor,
     **options: Any,
-) -> None:
+) -> Tensor:
     """Re-solve rows `[exact, stop)` of samples `rows` by GS-Jacobi on two halves.
 
-    Rows `< exact` are exact; the rest restart from the segment's initial guess `x0`. Each
-    half falls back again if it diverges, so the recursion ends at serial (length-1 halves
-    are exact after one iteration).
+    Rows `< exact` are exact; the rest restart from the noise. Each half falls back again if
+    it diverges, so the recursion ends at serial (length-1 halves are exact after one
+    iteration). Returns the `(B,)` iterations spent.
     """
-    x[rows, exact:stop] = x0[rows, exact - seg_start :]
+    x[rows, exact:stop] = ev.z[rows, exact:stop]
     middle = (exact + stop + 1) // 2
+    spent = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for lo, hi in ((exact, middle), (middle, stop)):
-        if lo >= hi:
-            continue
-        _jacobi_segment(ev, x, lo, hi, rows, max_iters=hi - lo, first_exact=0, **options)
+        if lo < hi:
+            spent += _jacobi_segment(ev, x, lo, hi, rows, max_iters=hi - lo, first_exact=0,
+                                     **options).iterations
+    return spent
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""Peak memory is bounded by B x T x D times a small constant, however many iterations run."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+PROBE = textwrap.dedent("""
+    import json, resource, sys, torch
+    sys.path.insert(0, {tests!r})
+    from arflow_solvers import GSJacobi, Jacobi, solve
+    from toys import Recurrence
+    batch, seq_len, iters, segments = {batch}, {seq_len}, {iters}, {segments}
+    block = Recurrence(seq_len, gain=0.5)
+    z = torch.randn(batch, seq_len, 1, dtype=torch.float64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    solver = GSJacobi(segments, tol=0.0, max_iters=iters) if segments > 1 else Jacobi(tol=0.0, max_iters=iters)
+    solve(block, z, solver, max_batch={max_batch})
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"grew_kib": after - before}}))
+""")
+
+
+def peak_growth_mib(batch, seq_len, iters, segments=1, max_batch=None):
+    code = PROBE.format(tests=str(ROOT), batch=batch, seq_len=seq_len, iters=iters,
+                        segments=segments, max_batch=max_batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["grew_kib"] / 1024
+
+
+BATCH, SEQ_LEN = 64, 16384  # one (B, T, 1) float64 tensor is 8 MiB: an extremely long T, D = 1
+TENSOR_MIB = BATCH * SEQ_LEN * 8 / 2**20
+
+
+@pytest.mark.parametrize("segments", [1, 8])
+def test_peak_memory_is_a_small_multiple_of_the_iterate(segments):
+    grew = peak_growth_mib(BATCH, SEQ_LEN, iters=50, segments=segments)
+    assert grew <= 12 * TENSOR_MIB, f"grew {grew:.0f} MiB for {TENSOR_MIB:.0f} MiB tensors"
+
+
+def test_peak_memory_does_not_grow_with_iterations():
+    few = peak_growth_mib(BATCH, SEQ_LEN, iters=5)
+    many = peak_growth_mib(BATCH, SEQ_LEN, iters=200)
+    assert many - few <= 2 * TENSOR_MIB, (few, many)
+
+
+def test_max_batch_bounds_peak_memory_by_the_chunk():
+    whole = peak_growth_mib(BATCH, SEQ_LEN, iters=20)
+    chunked = peak_growth_mib(BATCH, SEQ_LEN, iters=20, max_batch=BATCH // 8)
+    assert chunked <= whole / 2 + TENSOR_MIB, (whole, chunked)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_peak_memory_is_a_small_multiple_of_the_iterate():
+    from arflow_solvers import Jacobi, solve
+    from toys import Recurrence
+
+    z = torch.randn(BATCH, SEQ_LEN, 1, dtype=torch.float64, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    solve(Recurrence(SEQ_LEN, gain=0.5), z, Jacobi(tol=0.0, max_iters=100))
+    assert torch.cuda.max_memory_allocated() - base <= 12 * TENSOR_MIB * 2**20
