@@ -76,7 +76,8 @@ def _jacobi_segment(
     """Jacobi on rows `[start, stop)` of samples `rows`, earlier rows frozen; updates `x`.
 
     After `k` iterations rows `< start + first_exact + k` are exact, so they are not updated
-    again, and the loop ends at `stop` at the latest (the exactness bound). A sample leaves
+    again (and are committed to a KV cache while no sample has diverged), and the loop ends
+    at `stop` at the latest (the exactness bound). A sample leaves
     the active set when its max-abs update is `<= atol + tol * max|x_segment|`, or when its
     update is non-finite or has grown `patience` times in a row (then it is re-solved with
     halved segments from its exact prefix, down to serial).
@@ -115,6 +116,9 @@ def _jacobi_segment(
         done = bad | (delta <= atol + tol * scale)
         if bool(bad.any()):
             bad_rows.append((active[bad], exact))
+        elif not bad_rows:
+            # Rows < exact are final for every sample: a KV cache stops recomputing them.
+            ev.commit(x, exact)
         active = active[~done]
     if exact < stop and active.numel():
         status[active] = Status.MAX_ITERS
