@@ -99,6 +99,15 @@ def _check_labels(y: Tensor | None, batch: int, num_classes: int) -> Tensor | No
 # ----------------------------------------------------------------------------- network
 
 
+def _norm(norm: nn.LayerNorm, h: Tensor) -> Tensor:
+    """Layer norm computed in at least float32 (as the public code does), returned in `h`'s dtype."""
+    if h.dtype in (torch.float16, torch.bfloat16):
+        w = None if norm.weight is None else norm.weight.float()
+        b = None if norm.bias is None else norm.bias.float()
+        return F.layer_norm(h.float(), norm.normalized_shape, w, b, norm.eps).type(h.dtype)
+    return norm(h)
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head self-attention (`norm`, `qkv`, `proj`: the public parameter names).
 
@@ -122,7 +131,7 @@ class Attention(nn.Module):
     def qkv_heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`(B, n, C)` hidden states to `q, k, v`, each `(B, heads, n, head_dim)`."""
         b, n, _ = h.shape
-        hn = self.norm(h.float()).type(h.dtype)
+        hn = _norm(self.norm, h)
         q, k, v = self.qkv(hn).reshape(b, n, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         return q, k, v
 
@@ -148,7 +157,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.main(self.norm(h.float()).type(h.dtype))
+        return self.main(_norm(self.norm, h))
 
 
 class AttentionBlock(nn.Module):
@@ -272,7 +281,8 @@ class TarFlowBlock(nn.Module):
         """
         x_perm = self.permute(x)
         mu, log_sigma = self.split(self.network(x_perm, self.class_embedding(y, x.shape[0])))
-        scale = (-log_sigma.float()).exp().type(log_sigma.dtype)
+        low = log_sigma.dtype in (torch.float16, torch.bfloat16)  # public: exp in float32
+        scale = (-(log_sigma.float() if low else log_sigma)).exp().type(log_sigma.dtype)
         return self.permute((x_perm - mu) * scale), -log_sigma.mean(dim=[1, 2])
 
     def output_projection(self) -> tuple[Tensor, Tensor]:
@@ -337,27 +347,39 @@ class Guidance:
 class TarFlowCache:
     """KV cache of one block for one solve, preallocated in `init_cache`.
 
+    Keys, values and outputs of token `t` of sample `r` are kept with the patch `fed[r, t]`
+    they were computed from; they stay usable while `x[r, :t + 1]` equals `fed[r, :t + 1]`
+    and `t < valid[r]`, so a call recomputes only from the first token that changed.
+
     Attributes:
         keys, values: per layer `(G * B, heads, T, head_dim)`; `G = 2` (conditional then
             unconditional) under guidance, else 1.
         outputs: `(G, B, T + 1, out)` `proj_out` rows; index `t + 1` holds token `t`'s, so
             row `r` of the flow is `outputs[:, :, r]` and index 0 stays zero.
+        fed: `(B, T, D)` the patches the cached tokens were computed from.
+        valid: `(B,)` tokens `[0, valid[r])` of sample `r` are cached; while every sample has
+            the same count it is kept in `valid_all` instead (and `valid` is stale).
+        pos_embed: `(T, C)` position embeddings in the block's order.
+        stable: tokens `< stable` are committed and cached for every sample (never rechecked).
+        committed: the committed prefix length.
         class_embed: `(G, B, 1, C)` class embeddings of the batch, or `None`.
-        written: tokens whose cached keys and values come from committed patches.
-        committed: the committed prefix length `upto`.
-        pending: committed patches not yet written, `(B, committed - written, D)`.
+        tokens_fed: token evaluations so far (samples x tokens, both guidance halves).
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     outputs: Tensor
+    fed: Tensor
+    valid: Tensor
     class_embed: Tensor | None
     groups: int
     batch: int
     everyone: Tensor
-    written: int = 0
+    pos_embed: Tensor | None = None
+    valid_all: int | None = 0
+    stable: int = 0
     committed: int = 0
-    pending: Tensor | None = field(default=None, repr=False)
+    tokens_fed: int = 0
 
 
 class TarFlowARBlock:
@@ -370,9 +392,12 @@ class TarFlowARBlock:
     - `affine(x, cond)`: one causal pass over all `T` patches.
     - `init_cache(z, cond)`: preallocates keys and values for every layer, so a serial step
       feeds one token and nothing is concatenated.
-    - `affine_range(cache, x, start, stop, cond, rows)`: feeds only the tokens not yet in the
-      cache, `[written, stop - 1)` (row `t` comes from token `t - 1`); committed tokens are
-      written lazily by the next call, so `commit` costs nothing.
+    - `affine_range(cache, x, start, stop, cond, rows)`: row `t` comes from token `t - 1`, so
+      it feeds tokens `[first, stop - 1)` against the cache, `first` being the first token
+      whose patch differs from the one its cached keys were computed from: one token per
+      serial step, and a Jacobi iteration skips the prefix that has stopped changing.
+    - `commit` costs nothing: committed tokens are written by the next call that needs them,
+      and never compared again once written.
     - Guidance runs the conditional and unconditional passes as one batch of `2B` and
       combines them inside, with the annealing weight of each row, so any range is right.
 
@@ -455,6 +480,7 @@ class TarFlowARBlock:
         class_embed: Tensor | None,
         keys: Sequence[Tensor] | None,
         values: Sequence[Tensor] | None,
+        pos_embed: Tensor | None = None,
     ) -> Tensor:
         """`proj_out` of tokens `[start, start + n)` for `G` groups: `(G, b, n, out)`.
 
@@ -466,11 +492,16 @@ class TarFlowARBlock:
         blk = self.block
         b, n, _ = x_tok.shape
         g = self.groups
-        h = blk.proj_in(x_tok) + blk.permute(blk.pos_embed, dim=0)[start : start + n]
-        h = h.unsqueeze(0).expand(g, b, n, h.shape[-1])
-        if class_embed is not None:
-            h = h + class_embed
-        h = h.reshape(g * b, n, -1)
+        pos = blk.permute(blk.pos_embed, dim=0) if pos_embed is None else pos_embed
+        h = blk.proj_in(x_tok) + pos[start : start + n]
+        if g == 1:
+            if class_embed is not None:
+                h = h + class_embed[0]
+        else:
+            h = h.unsqueeze(0).expand(g, b, n, h.shape[-1])
+            if class_embed is not None:
+                h = h + class_embed
+            h = h.reshape(g * b, n, -1)
         stop = start + n
         if keys is None:
             mask = blk.attn_mask[:n, :n].bool()
@@ -534,36 +565,48 @@ class TarFlowARBlock:
         batch, seq_len = z.shape[0], blk.num_patches
         g = self.groups
         shapes = [(g * batch, layer.attention.num_heads, seq_len, layer.attention.head_dim) for layer in blk.attn_blocks]
-        out_dim = blk.proj_out.out_features
         return TarFlowCache(
             keys=[z.new_empty(s) for s in shapes],
             values=[z.new_empty(s) for s in shapes],
-            outputs=z.new_zeros(g, batch, seq_len + 1, out_dim),
+            outputs=z.new_zeros(g, batch, seq_len + 1, blk.proj_out.out_features),
+            fed=z.new_empty(z.shape),
+            valid=torch.zeros(batch, dtype=torch.long, device=z.device),
             class_embed=self._class_embed(cond, batch, z.dtype),
+            pos_embed=blk.permute(blk.pos_embed, dim=0),
             groups=g,
             batch=batch,
             everyone=torch.arange(batch, device=z.device),
         )
 
     def commit(self, cache: TarFlowCache, x: Tensor, upto: int, cond: Any = None) -> None:
-        """Declare `x[:, :upto]` final; its keys and values are written by the next call."""
-        if upto <= cache.committed:
-            return
-        cache.pending = x[:, cache.written : upto].clone()
-        cache.committed = upto
-
-    def _flush(self, cache: TarFlowCache) -> None:
-        """Write keys and values of committed but unwritten tokens, for the whole batch."""
-        if cache.written >= cache.committed:
-            return
-        out = self._tokens(cache.pending, cache.written, cache.class_embed, cache.keys, cache.values)
-        cache.outputs[:, :, cache.written + 1 : cache.committed + 1] = out
-        cache.written, cache.pending = cache.committed, None
+        """Declare `x[:, :upto]` final. Costs nothing: the next call reuses or writes its tokens."""
+        cache.committed = max(cache.committed, upto)
 
     def _is_everyone(self, cache: TarFlowCache, rows: Tensor | None) -> bool:
         if rows is None:
             return True
         return rows.numel() == cache.batch and bool(torch.equal(rows, cache.everyone))
+
+    @staticmethod
+    def _valid(cache: TarFlowCache) -> Tensor:
+        """The per-sample `valid` counts, materialised from `valid_all` when uniform."""
+        if cache.valid_all is not None:
+            cache.valid.fill_(cache.valid_all)
+            cache.valid_all = None
+        return cache.valid
+
+    def _first_stale(self, cache: TarFlowCache, x: Tensor, rows: Tensor | None, last: int) -> int:
+        """First token in `[stable, last)` whose cached entries are unusable for some sample."""
+        lo = min(cache.stable, last)
+        if lo >= last or (cache.valid_all is not None and cache.valid_all <= lo):
+            return lo  # nothing cached past the stable prefix: no comparison needed
+        fed = cache.fed[:, lo:last] if rows is None else cache.fed[rows, lo:last]
+        valid = self._valid(cache)
+        valid = valid if rows is None else valid[rows]
+        positions = torch.arange(lo, last, device=x.device)
+        stale = (x[:, lo:last] != fed).any(dim=-1) | (positions >= valid.unsqueeze(1))
+        stale = stale.any(dim=0)
+        return lo + int(stale.int().argmax()) if bool(stale.any()) else last
 
     def affine_range(
         self,
@@ -576,39 +619,63 @@ class TarFlowARBlock:
     ) -> tuple[Tensor, Tensor]:
         """Guided `(mu, log_sigma)` of rows `[start, stop)`, each `(b, stop - start, D)`.
 
-        Feeds tokens `[written, stop - 1)` of `x` (`(b, T, D)`, samples `rows` of the cache)
-        against the cached prefix. The conditioning comes from the cache (`cond` unused).
+        Row `t` needs token `t - 1`, so tokens `[first, stop - 1)` are fed, where `first` is
+        the first token whose cached keys and values are stale for any of the samples (one
+        token per serial step; a Jacobi iteration skips the prefix that stopped changing).
+        `x` is `(b, T, D)`, the samples `rows` of the cache. The labels come from the cache.
         """
         if not 0 <= start < stop <= self.seq_len or start < cache.committed:
             raise ValueError(
                 f"need committed={cache.committed} <= start < stop <= {self.seq_len}; got start={start}, stop={stop}"
             )
-        first, last = cache.written, stop - 1  # tokens to feed
-        if self._is_everyone(cache, rows):
-            if last > first:
-                out = self._tokens(x[:, first:last], first, cache.class_embed, cache.keys, cache.values)
+        last = stop - 1
+        everyone = self._is_everyone(cache, rows)
+        rows = None if everyone else rows
+        first = self._first_stale(cache, x, rows, last)
+        if first < last:
+            g, b = cache.groups, x.shape[0]
+            cache.tokens_fed += g * b * (last - first)
+            if everyone:
+                out = self._tokens(x[:, first:last], first, cache.class_embed, cache.keys, cache.values,
+                                   cache.pos_embed)
                 cache.outputs[:, :, first + 1 : last + 1] = out
-                if cache.committed > first:
-                    cache.written, cache.pending = min(cache.committed, last), None
-                    if cache.written < cache.committed:
-                        cache.pending = x[:, cache.written : cache.committed].clone()
-            return self._combine(cache.outputs[:, :, start:stop], start)
-        self._flush(cache)
-        first = cache.written
-        g, b = cache.groups, rows.numel()
-        outputs = cache.outputs[:, rows, :stop]
-        if last > first:
-            keys = [_gather(k, rows, g, cache.batch, last) for k in cache.keys]
-            values = [_gather(v, rows, g, cache.batch, last) for v in cache.values]
-            ce = None if cache.class_embed is None else cache.class_embed[:, rows]
-            outputs[:, :, first + 1 : last + 1] = self._tokens(x[:, first:last], first, ce, keys, values)
-        return self._combine(outputs[:, :, start:stop], start)
+                cache.fed[:, first:last] = x[:, first:last]
+                cache.valid_all = last
+            else:
+                keys = [_gather(k, rows, g, cache.batch, last) for k in cache.keys]
+                values = [_gather(v, rows, g, cache.batch, last) for v in cache.values]
+                ce = None if cache.class_embed is None else cache.class_embed[:, rows]
+                out = self._tokens(x[:, first:last], first, ce, keys, values, cache.pos_embed)
+                for buf, new in zip(cache.keys + cache.values, keys + values):
+                    _scatter(buf, new, rows, g, cache.batch, first, last)
+                cache.outputs[:, rows, first + 1 : last + 1] = out
+                cache.fed[rows, first:last] = x[:, first:last]
+                self._valid(cache)[rows] = last
+        elif everyone:  # tokens past `last` may have been fed another prefix
+            if cache.valid_all is not None:
+                cache.valid_all = min(cache.valid_all, last)
+            else:
+                cache.valid.clamp_(max=last)
+        else:
+            valid = self._valid(cache)
+            valid[rows] = valid[rows].clamp(max=last)
+        if everyone:
+            cache.stable = max(cache.stable, min(cache.committed, last))
+        outputs = cache.outputs[:, :, start:stop] if everyone else cache.outputs[:, rows, start:stop]
+        return self._combine(outputs, start)
 
 
 def _gather(buf: Tensor, rows: Tensor, groups: int, batch: int, length: int) -> Tensor:
     """Samples `rows` of a `(G * B, H, T, d)` buffer, first `length` tokens: `(G * b, H, length, d)`."""
     _, heads, _, dim = buf.shape
     return buf.view(groups, batch, heads, -1, dim)[:, rows, :, :length].reshape(groups * rows.numel(), heads, length, dim)
+
+
+def _scatter(buf: Tensor, new: Tensor, rows: Tensor, groups: int, batch: int, first: int, last: int) -> None:
+    """Write tokens `[first, last)` of `new` (`(G * b, H, >= last, d)`) back to samples `rows`."""
+    _, heads, _, dim = buf.shape
+    view = buf.view(groups, batch, heads, -1, dim)
+    view[:, rows, :, first:last] = new.view(groups, rows.numel(), heads, -1, dim)[:, :, :, first:last]
 
 
 # ----------------------------------------------------------------------------- flow steps
