@@ -212,17 +212,12 @@ class Serial(Solver):
         for t in range(seq_len):
             x[:, t : t + 1] = ev.update(x, None, t, t + 1)
             ev.commit(x, t + 1)
-        _sync(z)
-        stats = BlockStats(
-            index=index,
-            solver=repr(self),
+        stats = _block_stats(
+            self, index, ev, x, began,
             bounds=tuple((t, t + 1) for t in range(seq_len)),
             iterations=torch.ones(batch, seq_len, dtype=torch.long),
             residuals=(),
-            status=_nonfinite_status(x, torch.zeros(batch, dtype=torch.long, device=z.device)),
-            passes=ev.passes,
-            work=ev.work,
-            wall_time=time.perf_counter() - began,
+            status=torch.zeros(batch, dtype=torch.long, device=z.device),
         )
         return x, stats
 
@@ -230,9 +225,23 @@ class Serial(Solver):
         return _repr(self, ("update_dtype",))
 
 
-def _nonfinite_status(x: Tensor, status: Tensor) -> Tensor:
+def _block_stats(solver: Solver, index: int, ev: Evaluator, x: Tensor, began: float, *,
+                 bounds: tuple, iterations: Tensor, residuals: tuple, status: Tensor) -> BlockStats:
+    """Statistics of a finished block solve; a sample with a non-finite result is `NONFINITE`."""
+    _sync(x)
     finite = torch.isfinite(x.flatten(1)).all(1)
-    return torch.where(finite, status, torch.full_like(status, Status.NONFINITE)).cpu()
+    status = torch.where(finite, status, torch.full_like(status, Status.NONFINITE))
+    return BlockStats(
+        index=index,
+        solver=repr(solver),
+        bounds=bounds,
+        iterations=iterations.cpu(),
+        residuals=tuple(r.cpu() for r in residuals),
+        status=status.cpu(),
+        passes=ev.passes,
+        work=ev.work,
+        wall_time=time.perf_counter() - began,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,18 +302,12 @@ class _Iterative(Solver):
                 )
             )
             ev.commit(x, stop)
-        _sync(z)
-        status = torch.stack([o.status for o in outcomes]).amax(0)
-        stats = BlockStats(
-            index=index,
-            solver=repr(self),
+        stats = _block_stats(
+            self, index, ev, x, began,
             bounds=bounds,
-            iterations=torch.stack([o.iterations for o in outcomes], 1).cpu(),
-            residuals=tuple(o.residuals.cpu() for o in outcomes),
-            status=_nonfinite_status(x, status),
-            passes=ev.passes,
-            work=ev.work,
-            wall_time=time.perf_counter() - began,
+            iterations=torch.stack([o.iterations for o in outcomes], 1),
+            residuals=tuple(o.residuals for o in outcomes),
+            status=torch.stack([o.status for o in outcomes]).amax(0),
         )
         return x, stats
 
