@@ -44,6 +44,7 @@ class Evaluator:
         self.cond = cond
         self.update_dtype = update_dtype
         self.batch_size, self.seq_len = z.shape[0], z.shape[1]
+        self.finite = torch.isfinite(z.flatten(1)).all(1)
         self.has_map = callable(getattr(block, "inverse_map", None))
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None

@@ -28,6 +28,11 @@ def matrix_norm(a: Tensor, norm: Norm = "spectral") -> Tensor:
     root-sum-of-squares, `max` the largest absolute entry.
     """
     if norm == "spectral":
+        # a matrix with a non-finite entry has norm inf (the SVD would raise instead)
+        finite = torch.isfinite(a).all(dim=-1).all(dim=-1)
+        if not bool(finite.all()):
+            value = torch.linalg.matrix_norm(torch.where(finite[..., None, None], a, 0).double(), ord=2)
+            return torch.where(finite, value, torch.inf).to(a.dtype)
         return torch.linalg.matrix_norm(a.double(), ord=2).to(a.dtype)
     if norm == "frobenius":
         return torch.linalg.matrix_norm(a, ord="fro")

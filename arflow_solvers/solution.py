@@ -41,8 +41,9 @@ _MESSAGES = {
         "correct; a plan with more segments on that block would be faster."
     ),
     Status.NONFINITE: (
-        "The result has non-finite values even after falling back to serial: the block "
-        "itself overflows on this noise (check the model, its dtype, or the noise scale)."
+        "The result has non-finite values: a block overflows on this noise even when solved "
+        "serially (its exact prefix is non-finite), or received non-finite input from an "
+        "earlier block. No solver can repair that; check the model, its dtype, or the noise."
     ),
 }
 

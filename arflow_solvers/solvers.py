@@ -90,7 +90,11 @@ def _jacobi_segment(
     growth = torch.zeros(batch, dtype=torch.long, device=x.device)
     bad_rows: list[tuple[Tensor, int]] = []
     exact = start + first_exact
-    active = rows
+    finite = ev.finite[rows]
+    if not bool(finite.all()):  # non-finite noise: no solver can give a finite answer
+        x[rows[~finite], start:stop] = math.nan
+        status[rows[~finite]] = Status.NONFINITE
+    active = rows[finite]
     for _ in range(max_iters):
         if exact >= stop or active.numel() == 0:
             break
@@ -115,9 +119,17 @@ def _jacobi_segment(
         bad = ~torch.isfinite(delta) | (growth[active] >= patience)
         done = bad | (delta <= atol + tol * scale)
         if bool(bad.any()):
-            bad_rows.append((active[bad], exact))
-        elif not bad_rows:
+            suspects = active[bad]
+            # A non-finite exact prefix is the serial answer itself overflowing: falling
+            # back cannot help, so those samples stop here.
+            overflowed = ~torch.isfinite(x[suspects, :exact].flatten(1)).all(1)
+            status[suspects[overflowed]] = Status.NONFINITE
+            if not bool(overflowed.all()):
+                bad_rows.append((suspects[~overflowed], exact))
+        if not bad_rows and rows.numel() == batch:
             # Rows < exact are final for every sample: a KV cache stops recomputing them.
+            # (Not inside a fall-back re-solve of some samples: other samples that diverged
+            # may still have to be re-solved from an earlier row.)
             ev.commit(x, exact)
         active = active[~done]
     if exact < stop and active.numel():

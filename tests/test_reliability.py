@@ -154,3 +154,43 @@ def test_max_batch_splits_the_request_and_merges_the_statistics():
     assert chunked.blocks[0].residuals[0].shape[1] == 10
     with pytest.raises(ValueError, match="max_batch"):
         solve(block, z, Jacobi(), max_batch=0)
+
+
+def test_fall_back_of_one_group_does_not_commit_rows_another_group_must_redo():
+    # sample 0 overflows at the first iteration, sample 1 at the second: re-solving sample 0
+    # must not commit (for every sample) rows that sample 1's re-solve still has to compute
+    from toys import CachedMLP
+
+    block = CachedMLP(Explosive())
+    z = torch.full((3, 12, 1), 0.01, dtype=torch.float64)
+    start = torch.tensor([30.0, 3.0, 0.0], dtype=torch.float64).view(3, 1, 1)
+    guess = lambda block, z, cond: start.expand_as(z).clone()
+    sol = solve(block, z, Jacobi(tol=1e-12, init=guess))
+    assert sol.status is Status.FELL_BACK
+    assert torch.allclose(sol.x, serial_reference(Explosive(), z), rtol=1e-12, atol=0)
+
+
+def test_igm_of_a_guess_whose_step_overflows_is_inf():
+    from arflow_solvers.metrics import igm
+
+    block = Explosive()
+    z = torch.full((2, 12, 1), 0.01, dtype=torch.float64)
+    x_star = serial_reference(block, z)
+    assert igm(block, z, x_star, lambda b, z, c: torch.full_like(z, 30.0)) == float("inf")
+    assert igm(block, z, x_star, lambda b, z, c: torch.zeros_like(z)) < 1.0
+
+
+def test_a_sample_that_overflows_serially_is_not_re_solved_in_later_blocks():
+    # sample 0 overflows in block 0 (exp(800) = inf in float64); in block 1 its input is
+    # non-finite, so no solver can help: it must cost nothing there, and the others converge.
+    overflowing = Recurrence(seq_len=10, gain=0.5, log_sigma=0.0)
+    z = torch.randn(3, 10, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z[0, 4, 0] = 1e308
+    flow = Flow([Recurrence(10, gain=4.0), overflowing])
+    sol = solve(flow, z, Jacobi(tol=1e-10), throw=False)
+    assert sol.status is Status.NONFINITE
+    assert sol.sample_status.tolist()[0] == Status.NONFINITE
+    assert sol.blocks[1].iterations[0].sum() == 0
+    assert sol.blocks[1].work <= 10 * 2 / 3 + 1e-9  # only the two finite samples were evaluated
+    expected = serial_reference(overflowing, serial_reference(Recurrence(10, gain=4.0), z))
+    assert torch.allclose(sol.x[1:], expected[1:], rtol=1e-9, atol=0)
