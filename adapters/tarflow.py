@@ -20,6 +20,7 @@ __all__ = [
     "MLP",
     "AttentionBlock",
     "as_flow",
+    "load_for_planning",
     "sample",
     "denoise",
     "patchify",
@@ -871,7 +872,10 @@ def as_flow(
     Arguments:
         model: the TarFlow.
         y: default class labels `(B,)` when the solve gets `cond=None`.
-        guidance, guide_what, attn_temp, annealed_guidance: as in `TarFlow.reverse`.
+        guidance: classifier-free guidance weight (0: off), as in `TarFlow.reverse`.
+        guide_what: `'a'` (scale), `'b'` (shift) or `'ab'`, as in `TarFlow.reverse`.
+        attn_temp: attention temperature of the unconditional pass.
+        annealed_guidance: ramp the guidance weight along each block's sequence.
 
     Example:
         >>> model = TarFlow(1, 8, 2, channels=64, num_blocks=2, layers_per_block=1)
@@ -888,6 +892,42 @@ def as_flow(
         steps += [flip, ar, flip] if block.flip else [ar]
     steps.append(_Unpatchify(model.img_size, model.patch_size))
     return Flow(steps)
+
+
+def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Flow, Tensor, Any]:
+    """Load a checkpoint for `arflow-solvers plan CKPT --model tarflow`.
+
+    Reads the format `examples/train_tarflow.py` saves (a dict with `config`, the `TarFlow`
+    keyword arguments, and `state_dict`; `weights_only=True`). Returns the flow of
+    [`as_flow`][adapters.tarflow.as_flow] (no guidance), standard normal patch noise
+    `(batch, T, D)` drawn from a generator seeded with `seed`, and the conditioning: random
+    labels in `[0, num_classes)` from the same generator for a class-conditional model,
+    else `None`.
+
+    Arguments:
+        path: checkpoint file.
+        batch: calibration batch size (>= 1).
+        seed: seed of the noise and labels.
+        device: where the model and tensors go (`'cpu'`, `'cuda'`, ...).
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1; got {batch!r}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} is not a checkpoint of examples/train_tarflow.py (a dict with 'config' and "
+            f"'state_dict'); got {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}"
+        )
+    model = TarFlow(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    dim = model.blocks[0].in_channels
+    z = torch.randn(batch, model.num_patches, dim, generator=generator).to(device)
+    cond = None
+    if model.num_classes:
+        cond = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
+    return as_flow(model), z, cond
 
 
 def denoise(model: TarFlow, x: Tensor, y: Tensor | None = None, noise_std: float = 0.05) -> Tensor:
@@ -935,9 +975,12 @@ def sample(
         z: `(B, T, D)` standard normal patch noise.
         plan: a [`Plan`][arflow_solvers.Plan], a solver or a plan string; `None`: `Serial()`.
         y: `(B,)` class labels or `None`.
-        guidance, attn_temp, guide_what, annealed_guidance: as in `TarFlow.reverse`.
+        guidance: classifier-free guidance weight (0: off), as in `TarFlow.reverse`.
+        attn_temp: attention temperature of the unconditional pass.
         denoise: apply [`denoise`][adapters.tarflow.denoise] to the result.
         noise_std: the training noise std used by the denoising step.
+        guide_what: `'a'` (scale), `'b'` (shift) or `'ab'`, as in `TarFlow.reverse`.
+        annealed_guidance: ramp the guidance weight along each block's sequence.
 
     Returns:
         `(B, C, H, W)` images.

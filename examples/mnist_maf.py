@@ -304,8 +304,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     if save_grid(samples, out / "samples.png"):
-        print(f"wrote {out / 'results.json'} and {out / 'samples.png'}")
+        save_frontier(rows, out / "frontier.png")
+        print(f"wrote {out / 'results.json'}, {out / 'samples.png'} and {out / 'frontier.png'}")
     return result
+
+
+def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """Speedup vs nflows against max error vs serial, with the paper's Table 5 points."""
+    from arflow_solvers.plot import speed_error_frontier
+
+    points = {r["method"]: r for r in rows if r["method"] not in ("nflows", "serial")}
+    fig = speed_error_frontier(points, speed_key="speedup_vs_nflows", error_key="mae_vs_serial")
+    axis = fig.axes[0]
+    for name, speedup, mae in (("paper J-10", 8.73, 0.043), ("paper J-30", 4.40, 0.007)):
+        axis.scatter(mae, speedup, marker="x", color="black")
+        axis.annotate(name, (mae, speedup), fontsize="x-small")
+    fig.savefig(path, bbox_inches="tight", dpi=100)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _lr(step: int, progress: float, warmup: int, max_lr: float, min_lr: float = 
 def train(args: argparse.Namespace) -> Path:
     """Train (or reuse a cached checkpoint) and return the checkpoint path."""
     path = checkpoint_path(args.out, args)
-    if path.exists() and not args.force:
+    if path.exists() and not (args.force or args.resume):
         print(f"cached checkpoint {path} (use --force to retrain)")
         return path
     torch.manual_seed(args.seed)
@@ -157,6 +157,16 @@ def train(args: argparse.Namespace) -> Path:
                   num_blocks=args.blocks, layers_per_block=args.layers, nvp=True, num_classes=10,
                   head_dim=args.head_dim, expansion=4)
     model = TarFlow(**config)
+    done_before = 0
+    if args.resume:
+        if not path.exists():
+            raise SystemExit(f"--resume: no checkpoint {path} to continue")
+        previous = torch.load(path, map_location="cpu", weights_only=True)
+        if previous["config"] != config:
+            raise SystemExit(f"--resume: {path} has config {previous['config']}, not {config}")
+        model.load_state_dict(previous["state_dict"], strict=True)
+        done_before = int(previous.get("steps", 0))
+        print(f"resuming {path} after {done_before} steps (fresh optimizer and lr schedule)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
     steps_per_epoch = len(x_all) // args.batch_size
     total = args.epochs * steps_per_epoch if args.steps is None else args.steps
@@ -191,8 +201,8 @@ def train(args: argparse.Namespace) -> Path:
     bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config, "state_dict": model.state_dict(), "noise_std": args.noise_std,
-                "steps": step, "loss": ema, "data": "mnist" if args.data else "synthetic"}, path)
-    print(f"saved {path} after {step} steps, loss {ema:.4f}")
+                "steps": done_before + step, "loss": ema, "data": "mnist" if args.data else "synthetic"}, path)
+    print(f"saved {path} after {done_before + step} steps, loss {ema:.4f}")
     return path
 
 
@@ -217,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training the cached checkpoint of the same config (new optimizer, new lr schedule)")
     return p.parse_args(argv)
 
 

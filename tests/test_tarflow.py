@@ -451,3 +451,46 @@ def test_bad_arguments_are_named():
         TarFlow(1, 10, 4, 32, 2, 1)
     with pytest.raises(TypeError, match="model must be a TarFlow"):
         as_flow(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ loading for the planner
+
+
+def _train_example():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_tarflow.py"
+    spec = importlib.util.spec_from_file_location("train_tarflow_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_load_for_planning_reads_a_train_example_checkpoint(tmp_path):
+    from adapters.tarflow import load_for_planning
+    from arflow_solvers.__main__ import main as cli
+
+    example = _train_example()
+    args = example.parse_args(["--out", str(tmp_path), "--patch-size", "4", "--channels", "32", "--blocks", "2",
+                               "--layers", "1", "--head-dim", "16", "--steps", "2", "--batch-size", "4",
+                               "--synthetic-size", "8", "--warmup", "1"])
+    path = example.train(args)
+    flow, z, cond = load_for_planning(str(path), 3, 7, "cpu")
+    assert flow.num_blocks == 2 and z.shape == (3, 49, 16) and z.dtype == torch.float32
+    assert cond is not None and cond.shape == (3,) and bool(((cond >= 0) & (cond < 10)).all())
+    flow2, z2, cond2 = load_for_planning(str(path), 3, 7, "cpu")
+    assert torch.equal(z, z2) and torch.equal(cond, cond2)
+    assert not torch.equal(z, load_for_planning(str(path), 3, 8, "cpu")[1])
+    x = solve(flow, z, Serial(), cond=cond).x
+    assert x.shape == (3, 1, 28, 28) and bool(torch.isfinite(x).all())
+    model, _ = example.load_checkpoint(path)
+    assert torch.equal(x, model.reverse(z, cond))
+    out = tmp_path / "plan.json"
+    assert cli(["plan", str(path), "--model", "tarflow", "--planner", "metric", "--batch", "2",
+                "--json", str(out)]) == 0
+    assert out.exists()
+    with pytest.raises(ValueError, match="batch"):
+        load_for_planning(str(path), 0, 0, "cpu")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="config"):
+        load_for_planning(str(tmp_path / "bad.pt"), 2, 0, "cpu")
