@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ except ImportError as error:  # pragma: no cover - exercised only without nflows
         "adapters.nflows needs nflows: pip install 'arflow-solvers[nflows]'"
     ) from error
 
-__all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "ar_block"]
+__all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "ar_block", "build_maf",
+           "load_for_planning"]
 
 
 def _flat(x: Tensor, features: int, name: str = "x") -> Tensor:
@@ -297,3 +299,45 @@ def sample(
         if embedded is not None:
             samples = samples.reshape(-1, num_samples, *samples.shape[1:])
     return (samples, solution) if return_solution else samples
+
+
+def build_maf(features: int, hidden: int, layers: int, blocks: int = 1) -> NflowsFlow:
+    """nflows' `MaskedAutoregressiveFlow` as the MAF paper uses it (reversals, residual MADEs).
+
+    The architecture `examples/mnist_maf.py` trains and `load_for_planning` rebuilds.
+    """
+    from nflows.flows.autoregressive import MaskedAutoregressiveFlow
+
+    return MaskedAutoregressiveFlow(features=features, hidden_features=hidden, num_layers=layers,
+                                    num_blocks_per_layer=blocks, use_residual_blocks=True)
+
+
+def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Flow, Tensor, None]:
+    """An nflows MAF checkpoint as `(flow, calibration noise, cond)` for `arflow-solvers plan`.
+
+    Accepts a checkpoint `{"state_dict", "args": {"hidden", "layers", "blocks"}}` as written by
+    `examples/mnist_maf.py` (the feature count is read from the weights), or a whole pickled
+    nflows `Flow` (`torch.save(flow, path)`; unpickling runs code, so only load files you
+    trust). The noise is `(batch, D, 1)`, drawn from the flow's base distribution with `seed`.
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1; got {batch!r}")
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        data = torch.load(path, map_location=device, weights_only=False)
+    if isinstance(data, NflowsFlow):
+        flow = data
+    elif isinstance(data, dict) and "state_dict" in data:
+        args = data.get("args", {})
+        first = next(v for k, v in data["state_dict"].items() if k.endswith("initial_layer.weight"))
+        flow = build_maf(first.shape[1], int(args.get("hidden", first.shape[0])),
+                         int(args.get("layers", 5)), int(args.get("blocks", 1)))
+        flow.load_state_dict(data["state_dict"])
+    else:
+        raise ValueError(f"{path} holds neither an nflows Flow nor a {{'state_dict', 'args'}} checkpoint")
+    flow = flow.to(device).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        z = flow._distribution.sample(batch)
+    return wrap(flow), z.reshape(batch, -1, 1), None

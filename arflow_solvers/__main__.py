@@ -26,7 +26,6 @@ __all__ = ["main", "LOADERS"]
 LOADERS = {
     "tarflow": "adapters.tarflow:load_for_planning",
     "nflows": "adapters.nflows:load_for_planning",
-    "made": "adapters.made:load_for_planning",
 }
 """Model kinds and the adapter function that loads them (`module:function`)."""
 

@@ -264,7 +264,7 @@ class _Iterative(Solver):
     atol: float = 0.0
     max_iters: int | None = None
     init: inits.Init = field(default=inits.noise)
-    patience: int = 4
+    patience: int = 8
     update_dtype: torch.dtype | None = None
     drop_converged: bool | None = None
 
@@ -437,7 +437,7 @@ class GSJacobi(_Iterative):
 
 
 _DEFAULTS = {"segments": 1, "tol": 1e-5, "atol": 0.0, "max_iters": None, "init": inits.noise,
-             "patience": 4, "update_dtype": None, "drop_converged": None}
+             "patience": 8, "update_dtype": None, "drop_converged": None}
 
 
 def _repr(solver: Solver, names: Sequence[str]) -> str:

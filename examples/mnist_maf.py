@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from mnist_data import LAMBDA, dequantize_logit, load_mnist, logit_to_pixels, synthetic_digits  # noqa: E402
 
-from adapters.nflows import sample as solver_sample  # noqa: E402
+from adapters.nflows import build_maf, sample as solver_sample  # noqa: E402
 from arflow_solvers import GSJacobi, Jacobi, Plan, Serial  # noqa: E402
 
 __all__ = ["build_flow", "methods", "compare", "format_table", "save_grid", "main"]
@@ -40,15 +40,7 @@ __all__ = ["build_flow", "methods", "compare", "format_table", "save_grid", "mai
 
 def build_flow(features: int, hidden: int, layers: int, blocks: int) -> Any:
     """nflows' `MaskedAutoregressiveFlow` as the MAF paper uses it (reversals, residual MADEs)."""
-    from nflows.flows.autoregressive import MaskedAutoregressiveFlow
-
-    return MaskedAutoregressiveFlow(
-        features=features,
-        hidden_features=hidden,
-        num_layers=layers,
-        num_blocks_per_layer=blocks,
-        use_residual_blocks=True,
-    )
+    return build_maf(features, hidden, layers, blocks)
 
 
 def methods(num_blocks: int) -> dict[str, Any]:

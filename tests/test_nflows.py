@@ -220,3 +220,21 @@ def test_jacobi_needs_far_fewer_passes_than_nflows():
     flow = _maf(3)
     solution = solve(wrap(flow), torch.randn(16, D, 1), Jacobi(tol=1e-5))
     assert sum(b.passes for b in solution.blocks) < 3 * D
+
+
+def test_load_for_planning_rebuilds_an_example_checkpoint(tmp_path):
+    from adapters.nflows import build_maf, load_for_planning
+    from arflow_solvers.__main__ import main
+
+    torch.manual_seed(0)
+    maf = build_maf(12, 16, 2, 1)
+    path = tmp_path / "maf.pt"
+    torch.save({"state_dict": maf.state_dict(), "args": {"hidden": 16, "layers": 2, "blocks": 1}}, path)
+    flow, z, cond = load_for_planning(str(path), 5, 3, "cpu")
+    assert z.shape == (5, 12, 1) and cond is None and flow.num_blocks == 2
+    again = load_for_planning(str(path), 5, 3, "cpu")[1]
+    assert torch.equal(z, again)
+    x = solve_inverse(flow, z, Jacobi(tol=0.0)).squeeze(-1)
+    assert torch.equal(x, maf._transform.inverse(z.squeeze(-1))[0].detach())
+    assert main(["plan", str(path), "--model", "nflows", "--batch", "4", "--planner", "calibrated",
+                 "--max-error", "1e-4"]) == 0
