@@ -186,7 +186,10 @@ class Solver:
     """Base of the solvers: an immutable description of how to invert one block."""
 
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
-        """Invert `block` for noise `z` (`(B, T, D)`): returns `x` and its statistics."""
+        """Invert `block` for noise `z` (`(B, T, D)`): returns `x` and its statistics.
+
+        Runs under `torch.no_grad()`; most users call [`solve`][arflow_solvers.solve] instead.
+        """
         raise NotImplementedError
 
 
@@ -215,6 +218,7 @@ class Serial(Solver):
 
     update_dtype: torch.dtype | None = None
 
+    @torch.no_grad()
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
         _sync(z)
         began = time.perf_counter()
@@ -288,6 +292,7 @@ class _Iterative(Solver):
             return self.tol > 0 or self.atol > 0
         return self.drop_converged
 
+    @torch.no_grad()
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
         _sync(z)
         began = time.perf_counter()

@@ -194,3 +194,18 @@ def test_a_sample_that_overflows_serially_is_not_re_solved_in_later_blocks():
     assert sol.blocks[1].work <= 10 * 2 / 3 + 1e-9  # only the two finite samples were evaluated
     expected = serial_reference(overflowing, serial_reference(Recurrence(10, gain=4.0), z))
     assert torch.allclose(sol.x[1:], expected[1:], rtol=1e-9, atol=0)
+
+
+def test_solvers_build_no_autograd_graph_even_when_called_directly():
+    layer = torch.nn.Linear(6, 12).double()  # parameters require grad
+
+    class Block:
+        seq_len = 6
+        def affine(self, x, cond=None):
+            mu, log_sigma = layer(torch.tril(torch.ones(6, 6, dtype=x.dtype), -1) @ x).chunk(2, dim=-1)
+            return mu[..., :1] * 0.1, log_sigma[..., :1] * 0.1
+
+    z = torch.randn(2, 6, 1, dtype=torch.float64)
+    for solver in (Serial(), Jacobi(), GSJacobi(3)):
+        x, _ = solver.solve(Block(), z)
+        assert not x.requires_grad
