@@ -58,24 +58,25 @@ class Evaluator:
 
         `x` holds those samples' iterates, `(b, T, D)`; returns `(b, stop - start, D)`.
         """
-        z = self.z if rows is None else self.z[rows]
         cond = select_rows(self.cond, rows, self.batch_size)
         self.passes += 1
+        if self.has_map:
+            self.work += x.shape[0] / self.batch_size
+            z = self.z if rows is None else self.z[rows]
+            x_new = self.block.inverse_map(x, z, cond)
+            self._check("inverse_map", (x_new,), tuple(x.shape), x)
+            return x_new[:, start:stop]
+        # Only rows [start, stop) of the noise are needed: gather just those.
+        z = self.z[:, start:stop] if rows is None else self.z[rows, start:stop]
         if self.cached:
             mu, log_sigma = self.block.affine_range(self.cache, x, start, stop, cond, rows)
             self._check("affine_range", (mu, log_sigma), (x.shape[0], stop - start, x.shape[2]), x)
             self.work += x.shape[0] * (stop - self.committed) / (self.batch_size * self.seq_len)
-            return affine_update(z[:, start:stop], mu, log_sigma, self.update_dtype)
+            return affine_update(z, mu, log_sigma, self.update_dtype)
         self.work += x.shape[0] / self.batch_size
-        if self.has_map:
-            x_new = self.block.inverse_map(x, z, cond)
-            self._check("inverse_map", (x_new,), tuple(x.shape), x)
-            return x_new[:, start:stop]
         mu, log_sigma = self.block.affine(x, cond)
         self._check("affine", (mu, log_sigma), tuple(x.shape), x)
-        return affine_update(
-            z[:, start:stop], mu[:, start:stop], log_sigma[:, start:stop], self.update_dtype
-        )
+        return affine_update(z, mu[:, start:stop], log_sigma[:, start:stop], self.update_dtype)
 
     def commit(self, x: Tensor, upto: int) -> None:
         """Declare `x[:, :upto]` final for every sample (feeds the block's cache)."""
