@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ try:
         MaskedAffineAutoregressiveTransform,
     )
     from nflows.transforms.base import CompositeTransform, InverseTransform, Transform
+    from nflows.transforms.made import MaskedLinear
     from nflows.transforms.normalization import BatchNorm
 except ImportError as error:  # pragma: no cover - exercised only without nflows
     raise ImportError(
@@ -47,6 +50,48 @@ def _features(transform: AutoregressiveTransform) -> int:
         f"cannot tell how many features {type(transform).__name__} has: it has no `features` "
         "attribute and its autoregressive_net is not an nflows MADE"
     )
+
+
+class _MaskedWeights:
+    """`weight * mask` of every nflows `MaskedLinear` in a network, computed once per weight.
+
+    nflows' `MaskedLinear.forward` is `F.linear(x, weight * mask, bias)`: it re-multiplies
+    the mask on every call, which costs about as much memory traffic as the matrix product
+    at small batches (twice the layer's time at batch 1). `applied()` makes the layers use
+    the stored products instead: the same tensors nflows would compute, so the outputs are
+    bit for bit the same. A product is recomputed when its weight or mask changes (in-place
+    updates bump the tensor's version) and is only used without autograd.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.layers = [m for m in net.modules() if isinstance(m, MaskedLinear)]
+        self.products: dict[int, tuple[tuple, Tensor]] = {}
+
+    def _product(self, layer: MaskedLinear) -> Tensor:
+        weight, mask = layer.weight, layer.mask
+        key = (weight.data_ptr(), weight._version, mask.data_ptr(), mask._version, weight.dtype)
+        stored = self.products.get(id(layer))
+        if stored is None or stored[0] != key:
+            stored = (key, weight * mask)
+            self.products[id(layer)] = stored
+        return stored[1]
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        if torch.is_grad_enabled() or not self.layers:
+            yield
+            return
+        for layer in self.layers:
+            layer.forward = _fixed_linear(self._product(layer), layer.bias)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+
+def _fixed_linear(weight: Tensor, bias: Tensor | None) -> Any:
+    return lambda x: F.linear(x, weight, bias)
 
 
 class NflowsARBlock:
@@ -82,11 +127,17 @@ class NflowsARBlock:
             )
         self.transform = transform
         self.seq_len = _features(transform)
+        self._masked = _MaskedWeights(transform.autoregressive_net)
+
+    def _net(self, x: Tensor, cond: Any) -> Tensor:
+        """The MADE's outputs for `(B, T, 1)` inputs, with the masked weights computed once."""
+        with self._masked.applied():
+            return self.transform.autoregressive_net(_flat(x, self.seq_len), cond)
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of nflows' inverse loop: `(B, T, 1)` iterate and noise to the new iterate."""
         batch = x.shape[0]
-        params = self.transform.autoregressive_net(_flat(x, self.seq_len), cond)
+        params = self._net(x, cond)
         out, _ = self.transform._elementwise_inverse(_flat(z, self.seq_len, "z"), params)
         return out.reshape(batch, self.seq_len, 1)
 
@@ -116,7 +167,7 @@ class NflowsAffineBlock(NflowsARBlock):
         super().__init__(transform)
 
     def _scale_shift(self, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
-        params = self.transform.autoregressive_net(_flat(x, self.seq_len), cond)
+        params = self._net(x, cond)
         unconstrained, shift = self.transform._unconstrained_scale_and_shift(params)
         return F.softplus(unconstrained) + self.transform._epsilon, shift
 

@@ -139,7 +139,7 @@ def _jacobi_segment(
         residuals[k, members] = delta
     for members, exact_upto in bad_rows:
         iterations += _fall_back(ev, x, exact_upto, stop, members, tol=tol, atol=atol,
-                                 patience=patience)
+                                 patience=patience, drop_converged=drop_converged)
         status[members] = Status.FELL_BACK
     return _Segment(iterations, residuals, status)
 

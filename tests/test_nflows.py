@@ -122,6 +122,24 @@ def test_exact_mode_and_serial_are_bit_identical_to_flow_sample():
     assert not torch.equal(capped, reference)  # the equality above is not vacuous
 
 
+def test_masked_weights_are_computed_once_and_follow_weight_updates():
+    flow = _maf(2)
+    block = wrap(flow).blocks[0]
+    x, z = torch.randn(5, D, 1), torch.randn(5, D, 1)
+    with torch.no_grad():
+        cached = block.inverse_map(x, z)
+        again = block.inverse_map(x, z)
+    assert torch.equal(cached, block.inverse_map(x, z))  # with autograd: nflows' own path
+    assert torch.equal(again, cached)
+    layer = block.transform.autoregressive_net.final_layer
+    assert "forward" not in vars(layer)  # the layer is left as it was
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # an in-place update (an optimiser step) must be seen
+        updated = block.inverse_map(x, z)
+    assert not torch.equal(updated, cached)
+    assert torch.equal(updated, block.inverse_map(x, z))
+
+
 def test_exactness_at_the_bound_in_float64():
     """Jacobi run to its bound (tol=0, no cap) equals nflows' float64 inverse bit for bit."""
     flow = _maf(4, torch.float64)
