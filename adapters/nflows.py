@@ -264,7 +264,7 @@ def wrap(flow_or_transform: Any) -> Flow:
         Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017),
         https://arxiv.org/abs/1705.07057
 
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Arguments:

@@ -409,7 +409,7 @@ class TarFlowARBlock:
     References:
         Normalizing Flows are Capable Generative Models (Zhai et al., 2024),
         https://arxiv.org/abs/2412.06329;
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Arguments:
@@ -720,7 +720,7 @@ class TarFlow(nn.Module):
     References:
         Normalizing Flows are Capable Generative Models (Zhai et al., 2024),
         https://arxiv.org/abs/2412.06329;
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Arguments:

@@ -57,7 +57,7 @@ def igm(block: Any, z: Tensor, x_star: Tensor, init: inits.Init = inits.noise,
         norm: `spectral` (the paper's), `frobenius` or `max`, per `(T, D)` sample.
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Example:
@@ -85,7 +85,7 @@ def crm(block: Any, x: Tensor, cond: Any = None, norm: Norm = "spectral") -> flo
     A block whose CRM dominates the others is slow to converge by Jacobi ("tough").
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
     """
     projection = getattr(block, "output_projection", None)

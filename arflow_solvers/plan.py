@@ -29,6 +29,11 @@ def _cap_text(cap: int | None) -> str:
     return "*" if cap is None else str(cap)
 
 
+def _shared_or_each(entries: list[str]) -> str:
+    """`8` when every tough block has 8 (the paper's `[0/6-8-32-20]`), else `8/16`."""
+    return entries[0] if len(set(entries)) == 1 else "/".join(entries)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Which solver inverts each block: a default plus per-block overrides.
@@ -48,7 +53,7 @@ class Plan:
         overrides: block index to solver.
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Example:
@@ -94,6 +99,7 @@ class Plan:
         tol: float = 1e-5,
         atol: float = 0.0,
         init: inits.Init = inits.noise,
+        numbering: str = "sampling",
     ) -> "Plan":
         """Read the paper's `[Stack-GS-J-Else]` notation (see the class docstring).
 
@@ -103,7 +109,20 @@ class Plan:
             tol: relative tolerance of every solver of the plan.
             atol: absolute tolerance of every solver of the plan.
             init: initial guess of every solver of the plan.
+            numbering: `"sampling"` (ours: block 0 is the first block applied to the noise)
+                or `"paper"`: the paper's and its code's numbering, the model's own (density)
+                order, in which its block `k` is our block `num_blocks - 1 - k` (needs
+                `num_blocks`). Its published Img128cond plan `[6-8-32-10]` segments our
+                block 1.
+
+        Example:
+            >>> Plan.parse("[6-8-32-10]", 8, numbering="paper").overrides.keys()
+            dict_keys([1])
         """
+        if numbering not in ("sampling", "paper"):
+            raise ValueError(f"numbering must be 'sampling' or 'paper'; got {numbering!r}")
+        if numbering == "paper" and num_blocks is None:
+            raise ValueError("numbering='paper' needs num_blocks to map the paper's block indices")
         if not isinstance(text, str):
             raise TypeError(f"plan text must be a str; got {type(text).__name__}")
         match = _PAPER.match(text.strip())
@@ -119,10 +138,14 @@ class Plan:
             stack = [int(n) for n in match["stack"].split("/")]
             segments = [int(n) for n in match["gs"].split("/")]
             caps = [_cap(n) for n in match["j"].split("/")]
+            # One GS or J entry is shared by every stacked block, as in the paper's
+            # "[0/6-8-32-20]".
+            segments = segments * len(stack) if len(segments) == 1 else segments
+            caps = caps * len(stack) if len(caps) == 1 else caps
             if not len(stack) == len(segments) == len(caps):
                 raise ValueError(
-                    f"plan {text!r}: Stack, GS and J need one entry per tough block; got "
-                    f"{len(stack)}, {len(segments)} and {len(caps)}"
+                    f"plan {text!r}: GS and J need one entry per tough block, or one shared "
+                    f"entry; got {len(stack)} blocks, {len(segments)} and {len(caps)} entries"
                 )
             if len(set(stack)) != len(stack):
                 raise ValueError(f"plan {text!r}: a block appears twice in Stack")
@@ -133,7 +156,8 @@ class Plan:
                     f"plan {text!r}: block {max(stack)} does not exist (num_blocks={num_blocks})"
                 )
             for index, count, cap in zip(stack, segments, caps):
-                overrides[index] = GSJacobi(count, max_iters=cap, **options)
+                ours = num_blocks - 1 - index if numbering == "paper" else index
+                overrides[ours] = GSJacobi(count, max_iters=cap, **options)
         return cls(default, overrides)
 
     def __str__(self) -> str:
@@ -157,8 +181,8 @@ class Plan:
             return f"[{rest}]"
         columns = [
             "/".join(str(i) for i, _, _ in tough),
-            "/".join(str(m) for _, m, _ in tough),
-            "/".join(_cap_text(c) for _, _, c in tough),
+            _shared_or_each([str(m) for _, m, _ in tough]),
+            _shared_or_each([_cap_text(c) for _, _, c in tough]),
         ]
         return "[" + "-".join(columns) + f"-{rest}]"
 

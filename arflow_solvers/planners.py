@@ -57,7 +57,7 @@ class MetricPlanner:
     output projection (no CRM) are never tough.
 
     Arguments:
-        dominance: how many times the mean CRM of the rest a block's CRM must exceed.
+        dominance: how many times the median CRM a block's CRM must exceed to be tough.
         max_tough: at most this many tough blocks (`None`: no limit).
         segments: GS segments of a tough block.
         gs_iters: iteration cap per segment of a tough block (`None`: the bound).
@@ -66,7 +66,7 @@ class MetricPlanner:
         norm: matrix norm of the metrics.
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
     """
 

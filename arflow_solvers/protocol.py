@@ -28,7 +28,7 @@ class AffineARBlock(Protocol):
         seq_len: `T`, the number of positions (tokens for TarFlow, dimensions for MAF).
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
     """
 

@@ -367,7 +367,7 @@ class Jacobi(_Iterative):
             the shape when `tol == atol == 0`.
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Example:
@@ -402,7 +402,7 @@ class GSJacobi(_Iterative):
         drop_converged: evaluate only the samples still iterating (see `Jacobi`).
 
     References:
-        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+        Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
     Example:

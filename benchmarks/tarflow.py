@@ -19,7 +19,7 @@ work and Jacobi iterations. Plans take suffixes `@TOL` and `:z0` (see `parse_pla
 References:
     Normalizing Flows are Capable Generative Models (Zhai et al., 2024),
     https://arxiv.org/abs/2412.06329;
-    Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qiu, 2025),
+    Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
     https://arxiv.org/abs/2505.12849
 
 Example:

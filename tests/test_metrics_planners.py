@@ -6,7 +6,7 @@ import torch
 
 from arflow_solvers import (CalibratedPlanner, Flow, GSJacobi, Jacobi, MetricPlanner, Plan, Serial,
                             crm, igm, init, iterations_to_tolerance, solve)
-from arflow_solvers.metrics import flow_metrics, trace
+from arflow_solvers.metrics import BlockMetrics, flow_metrics, trace
 from arflow_solvers.planners import select_tough
 from toys import CausalLinear, CausalMLP, serial_reference, shift_right
 
@@ -76,6 +76,29 @@ def test_iterations_to_tolerance_never_exceed_the_bound():
 ])
 def test_tough_blocks_are_those_whose_crm_dominates(crms, tough):
     assert select_tough(crms, dominance=2.0) == tough
+
+
+# CRM of each block (% of the total, density order) of the four TarFlows of Liu & Qin (2025),
+# and the blocks their published strategies segment: [6-8-32-10], [7-8-32-10],
+# [0/6-8-32-20], [0/7-...]. Numbers from the paper's Table 2, as listed in the authors'
+# repository README (github.com/encoreus/GS-Jacobi_for_TarFlow).
+PAPER_CRM = {
+    "Img128cond": ([5.22, 5.63, 2.47, 10.93, 7.74, 7.35, 56.57, 4.05], {6}),
+    "AFHQ": ([6.33, 6.28, 8.16, 7.94, 9.01, 10.27, 9.36, 42.60], {7}),
+    "Img64uncond": ([50.71, 2.42, 2.29, 3.38, 1.77, 1.33, 33.62, 4.44], {0, 6}),
+    "Img64cond": ([74.58, 4.88, 0.72, 0.96, 4.05, 2.68, 1.62, 10.46], {0, 7}),
+}
+
+
+@pytest.mark.parametrize("model", sorted(PAPER_CRM))
+def test_metric_planner_reproduces_the_papers_tough_blocks(model):
+    crms, tough = PAPER_CRM[model]
+    assert set(select_tough(crms)) == tough
+    metrics = [BlockMetrics(index=i, igm_noise=1.0, igm_zeros_first_exact=2.0, crm=c,
+                            iterations_mean=1.0, iterations_max=1) for i, c in enumerate(crms)]
+    plan = MetricPlanner(segments=8, gs_iters=32, else_iters=10).plan_from_metrics(metrics)
+    assert set(plan.overrides) == tough
+    assert str(plan).endswith("-8-32-10]")
 
 
 def test_dominance_and_max_tough_bound_the_selection():

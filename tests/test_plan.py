@@ -17,6 +17,33 @@ def test_paper_examples_parse_to_the_stated_solvers():
     assert plan.solver_for(3) == Jacobi(max_iters=6)
 
 
+# The authors' published strategies, in their notation (the model's block order), and the
+# per-block lists their sampling code runs them with (sampling order; 0 GS = the serial loop).
+PUBLISHED = {
+    "[6-8-32-10]": ([1, 8, 1, 1, 1, 1, 1, 1], [10, 32, 10, 10, 10, 10, 10, 10]),
+    "[7-8-32-10]": ([8, 1, 1, 1, 1, 1, 1, 1], [32, 10, 10, 10, 10, 10, 10, 10]),
+    "[0/6-8-32-20]": ([1, 8, 1, 1, 1, 1, 1, 8], [20, 32, 20, 20, 20, 20, 20, 32]),
+    "[0/7-256/8-1/13-6]": ([8, 1, 1, 1, 1, 1, 1, 256], [13, 6, 6, 6, 6, 6, 6, 1]),
+}
+
+
+@pytest.mark.parametrize("text", sorted(PUBLISHED))
+def test_paper_numbering_maps_the_published_plans_to_sampling_order(text):
+    segments, caps = PUBLISHED[text]
+    plan = Plan.parse(text, num_blocks=8, numbering="paper")
+    for index in range(8):
+        solver = plan.solver_for(index)
+        assert getattr(solver, "segments", 1) == segments[index]
+        assert solver.max_iters == caps[index]
+
+
+def test_paper_numbering_needs_the_block_count():
+    with pytest.raises(ValueError, match="num_blocks"):
+        Plan.parse("[6-8-32-10]", numbering="paper")
+    with pytest.raises(ValueError, match="numbering"):
+        Plan.parse("[6-8-32-10]", 8, numbering="density")
+
+
 def test_a_cap_of_star_is_the_exactness_bound():
     plan = Plan.parse("[2-4-*-*]")
     assert plan.solver_for(2).max_iters is None and plan.default.max_iters is None
@@ -44,7 +71,7 @@ def test_parser_accepts_only_the_notation(text):
     assert str(plan) == text.strip().replace(" ", "") or Plan.parse(str(plan)) == plan
 
 
-@pytest.mark.parametrize("bad", ["", "6-8-32-10", "[6-8-32]", "[a-1-2-3]", "[1/2-3-4-5]",
+@pytest.mark.parametrize("bad", ["", "6-8-32-10", "[6-8-32]", "[a-1-2-3]", "[1/2-3/4/5-4-5]",
                                  "[1/1-2/2-3/3-4]", "[3-0-5-5]", "[-1]"])
 def test_bad_plan_strings_raise_value_error(bad):
     with pytest.raises(ValueError, match="plan"):
