@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from .flow import Flow, is_ar_block
 from .solvers import GSJacobi, Serial, Solver
 
 __all__ = ["matrix_norm", "igm", "crm", "iterations_to_tolerance", "trace", "BlockTrace",
-           "BlockMetrics", "flow_metrics"]
+           "BlockMetrics", "flow_metrics", "max_abs_error"]
 
 Norm = Literal["spectral", "frobenius", "max"]
 
@@ -171,3 +172,21 @@ def flow_metrics(flow: Flow | Any, z: Tensor, cond: Any = None, tol: float = 1e-
             iterations_max=int(iterations.max()),
         ))
     return rows
+
+
+def max_abs_error(x: Tensor, reference: Tensor) -> float:
+    """Max-abs error of `x` vs `reference` over the samples `reference` has finite.
+
+    A sample the reference itself overflows on is skipped; a non-finite value of `x` where
+    the reference is finite counts as `inf`, never as NaN.
+
+    Example:
+        >>> import torch
+        >>> ref = torch.tensor([[0.0, 1.0], [float("nan"), 2.0]])
+        >>> max_abs_error(torch.tensor([[0.5, 1.0], [7.0, 7.0]]), ref)
+        0.5
+    """
+    finite = torch.isfinite(reference.flatten(1)).all(1)
+    if not bool(finite.any()):
+        return 0.0
+    return (x[finite] - reference[finite]).abs().nan_to_num(math.inf).max().item()

@@ -142,3 +142,17 @@ def test_calibrated_plan_meets_its_tolerance_and_is_cached(tmp_path):
     path = tmp_path / "plan.json"
     plan = planner.plan(flow, z, cache=path)
     assert Plan.load(path) == plan == calibration.plan
+
+
+def test_calibrated_plan_meets_its_tolerance_end_to_end_when_later_steps_amplify_errors():
+    # Block errors within max_error become 1000x larger at the output: the planner must see
+    # it on the whole flow and tighten its per-block allowance until the output is within.
+    flow = Flow([CausalMLP(12, 2, seed=0, weight_scale=1.5), CausalMLP(12, 2, seed=1, weight_scale=1.5),
+                 lambda x, cond=None: 1000.0 * x])
+    z = torch.randn(6, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    calibration = CalibratedPlanner(tol=1e-4, max_error=1e-4, cost=(1.0, 1.0)).calibrate(flow, z)
+    assert calibration.rounds > 1
+    serial = solve(flow, z, Serial()).x
+    error = (solve(flow, z, calibration.plan).x - serial).abs().max().item()
+    assert error == pytest.approx(calibration.end_to_end_error) and error <= 1e-4
+    assert [block[0].max_error for block in calibration.candidates] == [0.0, 0.0]  # serial
