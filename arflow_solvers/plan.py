@@ -17,8 +17,11 @@ __all__ = ["Plan", "as_plan"]
 _NUMBERS = r"\d+(?:/\d+)*"
 _CAPS = r"(?:\d+|\*)(?:/(?:\d+|\*))*"
 _PAPER = re.compile(
-    rf"^\[(?:(?P<stack>{_NUMBERS})-(?P<gs>{_NUMBERS})-(?P<j>{_CAPS})-)?(?P<rest>\d+|\*)\]$"
+    rf"^\[(?:(?P<stack>{_NUMBERS})-(?P<gs>{_NUMBERS})-(?P<j>{_CAPS})-)?(?P<rest>\d+|\*)\]"
+    r"(?:@(?P<tol>[0-9.]+(?:[eE][-+]?\d+)?))?(?::(?P<init>z0|z))?$"
 )
+# Initial guesses the notation can name (`:z0` / `:z` suffixes, the paper's Z0 and Z).
+_INIT_SUFFIX = {"z": inits.noise, "z0": inits.zeros_first_exact}
 
 
 def _cap(text: str) -> int | None:
@@ -45,8 +48,11 @@ class Plan:
     GS-Jacobi segments of at most 32 iterations each and every other block Jacobi capped at
     10; `[0/7-16/8-10/13-6]` does the same for blocks 0 and 7 with 16 and 8 segments, caps
     10 and 13, and caps the rest at 6. `[10]` is Jacobi capped at 10 everywhere. Our
-    extension: `*` for a cap means the exactness bound (`max_iters=None`). All solvers of a
-    parsed plan share `tol`, `atol` and `init`.
+    extensions: `*` for a cap means the exactness bound (`max_iters=None`); a suffix `@TOL`
+    sets the tolerance (default `1e-5`; `@0` iterates to the fixed point) and `:z0` the
+    paper's Z0 initial guess (`zeros_first_exact`; `:z` is the noise, the default), e.g.
+    `[0-8-*-10]@1e-6:z0`. All solvers of a parsed plan share `tol`, `atol` and `init`; a plan
+    the notation cannot express prints as Python.
 
     Arguments:
         default: the solver of every block without an override.
@@ -131,6 +137,10 @@ class Plan:
                 f"cannot parse plan {text!r}: expected '[Stack-GS-J-Else]' such as "
                 "'[6-8-32-10]' or '[0/7-16/8-10/13-6]', or '[Else]' such as '[10]'"
             )
+        if match["tol"] is not None:
+            tol = float(match["tol"])
+        if match["init"] is not None:
+            init = _INIT_SUFFIX[match["init"]]
         options = {"tol": tol, "atol": atol, "init": init}
         default = Jacobi(max_iters=_cap(match["rest"]), **options)
         overrides: dict[int, Solver] = {}
@@ -166,25 +176,34 @@ class Plan:
 
     def _notation(self) -> str | None:
         default = self.default
-        if type(default) is not Jacobi:
+        if type(default) is not Jacobi or default.atol != 0 or default.patience != 8:
             return None
-        shared = (default.tol, default.atol, default.init, default.patience, default.update_dtype)
+        if default.update_dtype is not None or default.drop_converged is not None:
+            return None
+        suffix = "" if default.tol == 1e-5 else f"@{default.tol:g}"
+        if default.init is inits.zeros_first_exact:
+            suffix += ":z0"
+        elif default.init is not inits.noise:
+            return None
+        shared = (default.tol, default.atol, default.init, default.patience, default.update_dtype,
+                  default.drop_converged)
         tough = []
         for index, solver in self.overrides.items():
             if type(solver) is not GSJacobi or not isinstance(solver.segments, int):
                 return None
-            if (solver.tol, solver.atol, solver.init, solver.patience, solver.update_dtype) != shared:
+            if (solver.tol, solver.atol, solver.init, solver.patience, solver.update_dtype,
+                    solver.drop_converged) != shared:
                 return None
             tough.append((index, solver.segments, solver.max_iters))
         rest = _cap_text(default.max_iters)
         if not tough:
-            return f"[{rest}]"
+            return f"[{rest}]{suffix}"
         columns = [
             "/".join(str(i) for i, _, _ in tough),
             _shared_or_each([str(m) for _, m, _ in tough]),
             _shared_or_each([_cap_text(c) for _, _, c in tough]),
         ]
-        return "[" + "-".join(columns) + f"-{rest}]"
+        return "[" + "-".join(columns) + f"-{rest}]{suffix}"
 
     def __repr__(self) -> str:
         if not self.overrides:

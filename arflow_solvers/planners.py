@@ -152,7 +152,8 @@ class CalibratedPlanner:
     """Beyond the paper: choose per block the solver with the least modelled wall time.
 
     On a calibration batch, each block is solved serially (the reference), by
-    `GSJacobi(m, tol=tol)` for each `m` in `segments` and by the exact mode `Jacobi(tol=0)`.
+    `GSJacobi(m, tol=tol)` for each `m` in `segments`, by Jacobi at `tol / 10` and `tol / 100`
+    and by the exact mode `Jacobi(tol=0)`.
     Each block gets the candidate with the least modelled time
     `passes * seconds_per_call + work * seconds_per_pass` (both measured on the block, median
     of `repeats` timings, unless `cost` fixes them) among those whose block error vs serial
@@ -210,6 +211,7 @@ class CalibratedPlanner:
         for t in progress(traces, show_progress, desc="calibrating", unit="block"):
             cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
             tried = [Serial(), *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments),
+                     *(Jacobi(tol=self.tol * f, init=self.init) for f in (0.1, 0.01)),
                      Jacobi(tol=0.0, init=self.init)]
             options.append(tried)
             all_candidates.append([_try(t, solver, cost) for solver in tried])

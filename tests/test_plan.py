@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from arflow_solvers import GSJacobi, Jacobi, Plan, Serial
+from arflow_solvers import init as inits
 from arflow_solvers.plan import as_plan
 
 
@@ -60,6 +61,18 @@ def test_notation_round_trips(tough, rest):
     assert text.startswith("[")
     assert Plan.parse(text) == plan
     assert str(Plan.parse(text)) == text
+
+
+@given(st.sampled_from([0.0, 1e-3, 1e-5, 2.5e-7]), st.sampled_from(["", ":z0"]),
+       st.sampled_from(["[10]", "[*]", "[0/6-8-32-20]", "[2-4-*-*]"]))
+def test_tolerance_and_initial_guess_suffixes_round_trip(tol, init, body):
+    plan = Plan.parse(body, tol=tol, init=inits.zeros_first_exact if init else inits.noise)
+    assert Plan.parse(str(plan)) == plan
+    assert str(plan).endswith(init) and ("@" in str(plan)) == (tol != 1e-5)
+
+
+def test_plans_the_notation_cannot_carry_print_as_python():
+    assert str(Plan(Jacobi(atol=1e-3))) == "Plan(Jacobi(atol=0.001))"
 
 
 @given(st.text(max_size=20))
