@@ -8,7 +8,9 @@ weights converge in fewer iterations than a trained model; quote trained numbers
     python benchmarks/maf.py --checkpoint runs/mnist_maf/maf-....pt
 
 Baselines, both measured in the same run: nflows' `flow.sample` (under `no_grad`) and our
-`Serial` solver. Errors are against `Serial`, in the flow's output (logit) space.
+`Serial` solver; methods are timed round-robin (`--repeats` rounds, fastest kept). Errors
+are against `Serial`, in the flow's output (logit) space, and against a float64 exact solve
+of the same noise (the truth float32 serial sampling itself misses by its rounding).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 from mnist_maf import build_flow, compare, methods  # noqa: E402
+
+from arflow_solvers import Plan  # noqa: E402
 
 __all__ = ["condition_", "main"]
 
@@ -87,6 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="tqdm progress on stderr")
+    p.add_argument("--plan", action="append", default=[], metavar="NAME=PLAN",
+                   help="also run PLAN (paper notation such as '[*]@1e-6', or a JSON file "
+                        "written by Plan.save / `arflow-solvers plan --out`); repeatable")
+    p.add_argument("--no-float64", action="store_true",
+                   help="skip the float64 reference (errors vs the exact answer)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(plans)}")
         plans = {k: v for k, v in plans.items() if k in wanted}
+    for spec in args.plan:
+        name, _, text = spec.partition("=")
+        if not text:
+            raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
+        plans[name] = Plan.load(text) if Path(text).is_file() else Plan.parse(text, model["layers"])
     rows, _ = compare(flow, args.samples, plans, seed=args.seed, repeats=args.repeats,
-                      progress=args.progress)
+                      progress=args.progress, float64=not args.no_float64)
     result = {"benchmark": "maf", "model": model, "num_samples": args.samples,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "methods": rows}
     print(json.dumps(result))

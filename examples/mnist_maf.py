@@ -16,6 +16,7 @@ time, speedup vs nflows and vs our serial solver, network passes, and the error 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -32,8 +33,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from mnist_data import LAMBDA, dequantize_logit, load_mnist, logit_to_pixels, synthetic_digits  # noqa: E402
 
-from adapters.nflows import build_maf, sample as solver_sample  # noqa: E402
-from arflow_solvers import GSJacobi, Jacobi, Plan, Serial  # noqa: E402
+from adapters.nflows import build_maf, sample as solver_sample, wrap  # noqa: E402
+from arflow_solvers import GSJacobi, Jacobi, Plan, Serial, solve  # noqa: E402
 
 __all__ = ["build_flow", "methods", "compare", "format_table", "save_grid", "main"]
 
@@ -64,13 +65,29 @@ def methods(num_blocks: int) -> dict[str, Any]:
     }
 
 
-def _timed(fn: Any, repeats: int) -> tuple[Any, float]:
-    best, out = math.inf, None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - began)
-    return out, best
+def _sampler(flow: Any, num_samples: int, plan: Any, seed: int) -> Any:
+    """A function drawing the seeded noise and sampling it with `plan` (`None`: nflows)."""
+    def run() -> tuple[torch.Tensor, Any]:
+        torch.manual_seed(seed)
+        if plan is None:
+            with torch.no_grad():
+                return flow.sample(num_samples), None
+        return solver_sample(flow, num_samples, plan, return_solution=True, throw=False)
+    return run
+
+
+def float64_reference(flow: Any, num_samples: int, seed: int) -> torch.Tensor:
+    """The same samples from a float64 copy of `flow` (exact mode): the float32 results' truth.
+
+    Measures how far float32 serial sampling itself is from the exact answer, the floor
+    under which an error "vs serial" is only rounding noise amplified by the flow.
+    """
+    flow64 = copy.deepcopy(flow).double()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        noise = flow._distribution.sample(num_samples).double()
+    x = solve(wrap(flow64), noise.reshape(num_samples, -1, 1), Jacobi(tol=0.0), throw=False).x
+    return x.reshape(noise.shape)
 
 
 def compare(
@@ -81,30 +98,36 @@ def compare(
     seed: int = 0,
     repeats: int = 1,
     progress: bool = True,
+    float64: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Sample `flow` with every method from the same noise; time it and measure the error.
 
-    Returns one row per method (wall time, speedups, passes, errors vs our serial solver over
-    the samples serial finds finite, how many samples are non-finite, whether it equals nflows
-    bit for bit) and the samples per method.
+    Methods are timed round-robin, `repeats` rounds, keeping each one's fastest: a machine
+    whose load drifts slows all of them alike. Returns one row per method (wall time,
+    speedups, passes, errors vs our serial solver over the samples serial finds finite, how
+    many samples are non-finite, whether it equals nflows bit for bit; with `float64`, also
+    the errors vs a float64 exact solve) and the samples per method. `plans` must hold
+    `"nflows"` (`None`) and `"serial"`.
     """
     flow.eval()
+    runs = {name: _sampler(flow, num_samples, plan, seed) for name, plan in plans.items()}
+    walls: dict[str, float] = {name: math.inf for name in plans}
+    outputs: dict[str, Any] = {}
+    bar = tqdm(total=repeats * len(runs), desc="sampling", disable=not progress)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            bar.set_postfix_str(name)
+            began = time.perf_counter()
+            outputs[name] = run()
+            walls[name] = min(walls[name], time.perf_counter() - began)
+            bar.update()
+    bar.close()
     rows, samples = [], {}
-    bar = tqdm(plans.items(), desc="sampling", disable=not progress)
-    for name, plan in bar:
-        bar.set_postfix_str(name)
-
-        def run() -> Any:
-            torch.manual_seed(seed)
-            if plan is None:
-                with torch.no_grad():
-                    return flow.sample(num_samples), None
-            return solver_sample(flow, num_samples, plan, return_solution=True, throw=False)
-
-        (x, solution), wall = _timed(run, repeats)
+    for name, plan in plans.items():
+        x, solution = outputs[name]
         samples[name] = x
         row: dict[str, Any] = {"method": name, "plan": "nflows flow.sample" if plan is None
-                               else str(plan), "wall_s": wall}
+                               else str(plan), "wall_s": walls[name]}
         if solution is None:
             row["passes"] = _nflows_passes(flow)
             row["passes_per_block"] = None
@@ -115,6 +138,7 @@ def compare(
         rows.append(row)
     reference, nflows_x = samples["serial"], samples["nflows"]
     finite = torch.isfinite(reference).all(dim=1)  # the model itself may overflow on some noise
+    truth = float64_reference(flow, num_samples, seed) if float64 else None
     for row in rows:
         x = samples[row["method"]]
         error = (x[finite] - reference[finite]).abs()
@@ -123,6 +147,11 @@ def compare(
         row["speedup_vs_serial"] = next(r for r in rows if r["method"] == "serial")["wall_s"] / row["wall_s"]
         row["mae_vs_serial"] = float(error.mean())
         row["max_abs_err_vs_serial"] = float(error.max())
+        row["samples_over_1e-4_vs_serial"] = int((error.amax(dim=1) > 1e-4).sum())
+        if truth is not None:
+            error64 = (x[finite].double() - truth[finite]).abs()
+            row["mae_vs_float64"] = float(error64.mean())
+            row["max_abs_err_vs_float64"] = float(error64.max())
         row["bit_identical_to_nflows"] = _same(x, nflows_x)
     return rows, samples
 
