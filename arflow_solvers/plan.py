@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import torch
+
 from . import init as inits
 from .solvers import GSJacobi, Jacobi, Serial, Solver
 
@@ -180,19 +182,21 @@ class Plan:
             return None
         if default.update_dtype is not None or default.drop_converged is not None:
             return None
+        if default.on_divergence != "fall_back":
+            return None
         suffix = "" if default.tol == 1e-5 else f"@{default.tol:g}"
         if default.init is inits.zeros_first_exact:
             suffix += ":z0"
         elif default.init is not inits.noise:
             return None
         shared = (default.tol, default.atol, default.init, default.patience, default.update_dtype,
-                  default.drop_converged)
+                  default.drop_converged, default.on_divergence)
         tough = []
         for index, solver in self.overrides.items():
             if type(solver) is not GSJacobi or not isinstance(solver.segments, int):
                 return None
             if (solver.tol, solver.atol, solver.init, solver.patience, solver.update_dtype,
-                    solver.drop_converged) != shared:
+                    solver.drop_converged, solver.on_divergence) != shared:
                 return None
             tough.append((index, solver.segments, solver.max_iters))
         rest = _cap_text(default.max_iters)
@@ -249,7 +253,9 @@ def _solver_to_dict(solver: Solver) -> dict[str, Any]:
     if _INITS.get(init_name) is not solver.init:
         raise ValueError(f"cannot save a plan whose init {solver.init!r} is not a named init")
     data.update(tol=solver.tol, atol=solver.atol, max_iters=solver.max_iters, init=init_name,
-                patience=solver.patience)
+                patience=solver.patience, drop_converged=solver.drop_converged,
+                on_divergence=solver.on_divergence,
+                update_dtype=None if solver.update_dtype is None else str(solver.update_dtype))
     if isinstance(solver, GSJacobi):
         data["segments"] = solver.segments if isinstance(solver.segments, int) else list(solver.segments)
     return data
@@ -261,11 +267,22 @@ def _solver_from_dict(data: Mapping[str, Any]) -> Solver:
         raise ValueError(f"unknown solver type {data['type']!r}; expected one of {sorted(_SOLVERS)}")
     if kind is Serial:
         return Serial()
-    options = {k: data[k] for k in ("tol", "atol", "max_iters", "patience") if k in data}
+    options = {k: data[k] for k in ("tol", "atol", "max_iters", "patience", "drop_converged",
+                                    "on_divergence") if k in data}
     options["init"] = _INITS[data.get("init", "noise")]
+    if data.get("update_dtype"):
+        options["update_dtype"] = _dtype(data["update_dtype"])
     if kind is GSJacobi:
         return GSJacobi(data["segments"], **options)
     return Jacobi(**options)
+
+
+def _dtype(name: str) -> torch.dtype:
+    """`"torch.float32"` (or `"float32"`) as the dtype."""
+    dtype = getattr(torch, name.rpartition(".")[2], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown update_dtype {name!r} in the plan")
+    return dtype
 
 
 PlanLike = Union[Plan, Solver, str]

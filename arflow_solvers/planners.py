@@ -211,7 +211,7 @@ class CalibratedPlanner:
         for t in progress(traces, show_progress, desc="calibrating", unit="block"):
             cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
             tried = [Serial(), *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments),
-                     *(Jacobi(tol=self.tol * f, init=self.init) for f in (0.1, 0.01)),
+                     *(Jacobi(tol=_tighter(self.tol, d), init=self.init) for d in (10, 100)),
                      Jacobi(tol=0.0, init=self.init)]
             options.append(tried)
             all_candidates.append([_try(t, solver, cost) for solver in tried])
@@ -230,6 +230,11 @@ class CalibratedPlanner:
         plan_total = sum(c[i].expected_seconds for c, i in zip(all_candidates, chosen))
         return Calibration(plan, all_candidates, chosen, costs,
                            serial_total / max(plan_total, 1e-12), error, rounds)
+
+
+def _tighter(tol: float, factor: int) -> float:
+    """`tol / factor`, rounded to 6 digits so that 1e-5 / 10 prints as 1e-06."""
+    return float(f"{tol / factor:.6g}")
 
 
 def _cheapest(candidates: Sequence[Candidate], allowance: float) -> int:

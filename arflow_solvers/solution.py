@@ -43,7 +43,8 @@ _MESSAGES = {
     Status.NONFINITE: (
         "The result has non-finite values: a block overflows on this noise even when solved "
         "serially (its exact prefix is non-finite), or received non-finite input from an "
-        "earlier block. No solver can repair that; check the model, its dtype, or the noise."
+        "earlier block, or the sample diverged under a solver with on_divergence='give_up'. "
+        "Otherwise no solver can repair it; check the model, its dtype, or the noise."
     ),
 }
 

@@ -49,7 +49,7 @@ def methods(num_blocks: int) -> dict[str, Any]:
 
     `J-10/20/30` are the paper's fixed caps (tolerance 0: they stop early only when the
     iterate stops changing); `exact` iterates to the fixed point, which equals nflows' answer
-    bit for bit.
+    bit for bit. `give up` rows abandon a diverging sample (NaN) instead of re-solving it.
     """
     return {
         "nflows": None,
@@ -62,6 +62,8 @@ def methods(num_blocks: int) -> dict[str, Any]:
         "Jacobi tol=1e-6": Jacobi(tol=1e-6),
         "GS-Jacobi M=8 tol=1e-5": GSJacobi(segments=8, tol=1e-5),
         "exact (tol=0)": Jacobi(tol=0.0),
+        "Jacobi tol=1e-6, give up": Jacobi(tol=1e-6, on_divergence="give_up"),
+        "exact, give up": Jacobi(tol=0.0, on_divergence="give_up"),
     }
 
 
@@ -184,8 +186,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_grid(samples: dict[str, torch.Tensor], path: Path, columns: int = 10) -> bool:
-    """One row of digits per method (logit space mapped back to pixels); False without matplotlib."""
+def save_grid(samples: dict[str, torch.Tensor], path: Path, columns: int = 10, rows: int = 1) -> bool:
+    """`rows` rows of digits per method (logit space mapped to pixels); False without matplotlib."""
     try:
         import matplotlib
 
@@ -193,18 +195,19 @@ def save_grid(samples: dict[str, torch.Tensor], path: Path, columns: int = 10) -
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = list(samples)
-    columns = min(columns, len(next(iter(samples.values()))))
-    fig, axes = plt.subplots(len(names), columns, figsize=(columns * 0.9, len(names) * 1.0),
-                             squeeze=False)
-    for i, name in enumerate(names):
-        images = logit_to_pixels(samples[name][:columns]).reshape(-1, 28, 28)
-        for j in range(columns):
-            ax = axes[i, j]
-            ax.imshow(images[j].numpy(), cmap="gray", vmin=0, vmax=1)
+    count = len(next(iter(samples.values())))
+    columns = min(columns, count)
+    rows = max(1, min(rows, count // columns))
+    fig, axes = plt.subplots(len(samples) * rows, columns, squeeze=False,
+                             figsize=(columns * 0.9, len(samples) * rows * 1.0))
+    for i, (name, x) in enumerate(samples.items()):
+        images = logit_to_pixels(x[: rows * columns]).reshape(-1, 28, 28)
+        for k, image in enumerate(images):
+            ax = axes[i * rows + k // columns, k % columns]
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        axes[i * rows, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -325,9 +328,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     if save_grid(samples, out / "samples.png"):
+        for name, x in samples.items():  # and one grid per method
+            save_grid({name: x}, out / f"samples-{_slug(name)}.png", columns=8, rows=4)
         save_frontier(rows, out / "frontier.png")
-        print(f"wrote {out / 'results.json'}, {out / 'samples.png'} and {out / 'frontier.png'}")
+        print(f"wrote {out / 'results.json'}, {out / 'samples.png'} (all methods), "
+              f"samples-<method>.png and {out / 'frontier.png'}")
     return result
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe version of a method name: `Jacobi tol=1e-5` -> `jacobi-tol-1e-5`."""
+    return "-".join("".join(c if c.isalnum() or c in ".-" else " " for c in name.lower()).split())
 
 
 def save_frontier(rows: list[dict[str, Any]], path: Path) -> None:

@@ -1,6 +1,7 @@
 """Plans: the paper's notation round-trips, and plans pick the right solver per block."""
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
 from arflow_solvers import GSJacobi, Jacobi, Plan, Serial
@@ -107,6 +108,11 @@ def test_plans_save_and_load(tmp_path):
     plan = Plan(Jacobi(max_iters=7, tol=1e-4), {0: GSJacobi([3, 5], tol=1e-4), 2: Serial()})
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
+    every_option = Plan(Jacobi(tol=0.0, drop_converged=True, on_divergence="give_up",
+                               update_dtype=torch.float64, patience=3))
+    every_option.save(tmp_path / "options.json")
+    assert Plan.load(tmp_path / "options.json") == every_option
+    assert str(every_option).startswith("Plan(")  # the notation cannot carry these options
 
 
 def test_a_plan_can_be_one_solver_or_a_string():

@@ -105,6 +105,31 @@ def test_non_finite_iterates_fall_back_without_leaking_nan():
     assert torch.allclose(sol.x, serial_reference(block, z), rtol=1e-12, atol=0)
 
 
+def test_give_up_stops_only_the_overflowing_sample_and_keeps_its_exact_prefix():
+    block = Explosive()
+    z = torch.full((3, 12, 1), 0.01, dtype=torch.float64)
+
+    def huge_guess_for_sample_0(block, z, cond):
+        x0 = z.clone()
+        x0[0] = 30.0
+        return x0
+
+    options = dict(tol=1e-12, init=huge_guess_for_sample_0)
+    fell_back = solve(block, z, Jacobi(**options), throw=False)
+    given_up = solve(block, z, Jacobi(**options, on_divergence="give_up"), throw=False)
+    serial = serial_reference(block, z)
+    assert fell_back.status is Status.FELL_BACK
+    assert torch.allclose(fell_back.x, serial, rtol=1e-12, atol=0)
+    assert given_up.blocks[0].status.tolist() == [Status.NONFINITE, Status.CONVERGED, Status.CONVERGED]
+    assert torch.allclose(given_up.x[1:], serial[1:], rtol=1e-12, atol=0)
+    exact = int(given_up.blocks[0].iterations[0, 0])  # rows below the iteration count are exact
+    assert torch.equal(given_up.x[0, :exact], serial[0, :exact])
+    assert torch.isnan(given_up.x[0, exact:]).all()
+    assert given_up.passes < fell_back.passes
+    with pytest.raises(ValueError, match="on_divergence"):
+        Jacobi(on_divergence="ignore")
+
+
 def test_a_block_that_overflows_serially_reports_nonfinite():
     block = Recurrence(seq_len=8, gain=1.0, log_sigma=800.0)
     z = torch.ones(1, 8, 1, dtype=torch.float64)
