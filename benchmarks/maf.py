@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--blocks", type=int, default=1, help="residual blocks per MADE")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--methods", help="comma-separated subset of the method names (nflows and serial always run)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="round-robin rounds; the fastest run counts")
+    p.add_argument("--slot-seconds", type=float, default=0.0,
+                   help="per round, rerun a method until it has used this long (default: once)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="tqdm progress on stderr")
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
         plans[name] = Plan.load(text) if Path(text).is_file() else Plan.parse(text, model["layers"])
     rows, _ = compare(flow, args.samples, plans, seed=args.seed, repeats=args.repeats,
-                      progress=args.progress, float64=not args.no_float64)
+                      progress=args.progress, float64=not args.no_float64,
+                      slot_seconds=args.slot_seconds)
     result = {"benchmark": "maf", "model": model, "num_samples": args.samples,
+              "repeats": args.repeats, "slot_seconds": args.slot_seconds,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "methods": rows}
     print(json.dumps(result))
     return result
