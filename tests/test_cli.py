@@ -18,3 +18,14 @@ def test_plan_command_writes_a_plan_that_plan_load_reads(tmp_path, capsys):
     assert data["plan"] == str(plan)
     assert len(data["metrics"]) == 2
     assert data["check"]["max_abs_error"] < 1e-3
+
+
+def test_calibrated_plan_command_keeps_the_calibration_in_its_json(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = main(["plan", "unused.pt", "--model", "toys:load_for_planning", "--batch", "4",
+                 "--planner", "calibrated", "--max-error", "1e-3", "--json", str(report)])
+    assert code == 0
+    assert "expected speedup" in capsys.readouterr().out
+    calibration = json.loads(report.read_text())["calibration"]
+    assert calibration["end_to_end_error"] <= 1e-3 and calibration["rounds"] >= 1
+    assert all(len(block["candidates"]) >= 2 for block in calibration["blocks"])
