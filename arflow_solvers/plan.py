@@ -34,6 +34,16 @@ def _cap_text(cap: int | None) -> str:
     return "*" if cap is None else str(cap)
 
 
+# The notation writes caps, segments, the tolerance and the initial guess; any other option
+# must have its default value, or the plan prints as Python.
+_PLAIN = Jacobi()
+
+
+def _unwritten(solver: Solver) -> tuple:
+    return (solver.atol, solver.patience, solver.update_dtype, solver.drop_converged,
+            solver.on_divergence)
+
+
 def _shared_or_each(entries: list[str]) -> str:
     """`8` when every tough block has 8 (the paper's `[0/6-8-32-20]`), else `8/16`."""
     return entries[0] if len(set(entries)) == 1 else "/".join(entries)
@@ -178,25 +188,19 @@ class Plan:
 
     def _notation(self) -> str | None:
         default = self.default
-        if type(default) is not Jacobi or default.atol != 0 or default.patience != 8:
+        if type(default) is not Jacobi or _unwritten(default) != _unwritten(_PLAIN):
             return None
-        if default.update_dtype is not None or default.drop_converged is not None:
-            return None
-        if default.on_divergence != "fall_back":
-            return None
-        suffix = "" if default.tol == 1e-5 else f"@{default.tol:g}"
+        suffix = "" if default.tol == _PLAIN.tol else f"@{default.tol:g}"
         if default.init is inits.zeros_first_exact:
             suffix += ":z0"
         elif default.init is not inits.noise:
             return None
-        shared = (default.tol, default.atol, default.init, default.patience, default.update_dtype,
-                  default.drop_converged, default.on_divergence)
         tough = []
         for index, solver in self.overrides.items():
             if type(solver) is not GSJacobi or not isinstance(solver.segments, int):
                 return None
-            if (solver.tol, solver.atol, solver.init, solver.patience, solver.update_dtype,
-                    solver.drop_converged, solver.on_divergence) != shared:
+            if (solver.tol, solver.init, _unwritten(solver)) != (default.tol, default.init,
+                                                                 _unwritten(default)):
                 return None
             tough.append((index, solver.segments, solver.max_iters))
         rest = _cap_text(default.max_iters)

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -277,7 +277,7 @@ class _Iterative(Solver):
     patience: int = 8
     update_dtype: torch.dtype | None = None
     drop_converged: bool | None = None
-    on_divergence: str = "fall_back"
+    on_divergence: Literal["fall_back", "give_up"] = "fall_back"
 
     def __post_init__(self) -> None:
         if not (self.tol >= 0 and self.atol >= 0):
