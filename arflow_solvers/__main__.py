@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--tol", type=float, default=1e-5, help="solver tolerance")
     plan.add_argument("--max-error", type=float, default=1e-4, help="calibrated: max abs error vs serial")
     plan.add_argument("--segments", type=int, default=8, help="metric: GS segments of tough blocks")
+    plan.add_argument("--shared-init", action="store_true",
+                      help="metric: one initial guess for all blocks (default: per block, by IGM)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--device", default="cpu")
     plan.add_argument("--out", help="write the plan here (JSON, read by Plan.load)")
@@ -73,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = flow_metrics(flow, z, cond, args.tol, traces=traces, show_progress=True)
     calibration = None
     if args.planner == "metric":
-        plan = MetricPlanner(segments=args.segments, tol=args.tol).plan_from_metrics(metrics)
+        plan = MetricPlanner(segments=args.segments, tol=args.tol,
+                             shared_init=args.shared_init).plan_from_metrics(metrics)
     else:
         calibration = CalibratedPlanner(tol=args.tol, max_error=args.max_error,
                                         seed=args.seed).calibrate(flow, z, cond, show_progress=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -51,11 +52,14 @@ def select_tough(crms: Sequence[float], dominance: float = 2.0, max_tough: int |
 class MetricPlanner:
     """The paper's planner: IGM picks the initial guess, CRM picks the tough blocks.
 
-    The initial guess (`Z` or `Z0`) with the smaller IGM summed over blocks is used
-    everywhere. Tough blocks (see [`select_tough`][arflow_solvers.planners.select_tough])
-    get `GSJacobi(segments, max_iters=gs_iters)`, the rest `Jacobi(max_iters=else_iters)`,
-    so the plan prints in the paper's `[Stack-GS-J-Else]` notation. Blocks without an
-    output projection (no CRM) are never tough.
+    Each block starts from the initial guess (`Z` or `Z0`) with the smaller IGM on that
+    block, as the paper's per-block guess list does (`shared_init=True`: the one with the
+    smaller IGM summed over blocks, everywhere). Tough blocks (see
+    [`select_tough`][arflow_solvers.planners.select_tough]) get
+    `GSJacobi(segments, max_iters=gs_iters)`, the rest `Jacobi(max_iters=else_iters)`, so
+    the plan prints in the paper's `[Stack-GS-J-Else]` notation when the blocks share their
+    guess (otherwise as Python). Blocks without an output projection (no CRM) are never
+    tough and start from `Z`.
 
     Arguments:
         dominance: how many times the median CRM a block's CRM must exceed to be tough.
@@ -65,6 +69,7 @@ class MetricPlanner:
         else_iters: iteration cap of the other blocks (`None`: the bound).
         tol: tolerance of every solver.
         norm: matrix norm of the metrics.
+        shared_init: one initial guess for every block instead of one per block.
 
     References:
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
@@ -78,16 +83,29 @@ class MetricPlanner:
     else_iters: int | None = None
     tol: float = 1e-5
     norm: Norm = "spectral"
+    shared_init: bool = False
 
     def plan_from_metrics(self, metrics: Sequence[BlockMetrics]) -> Plan:
         """The plan for a flow whose per-block metrics are given."""
-        use_zeros = sum(m.igm_zeros_first_exact for m in metrics) < sum(m.igm_noise for m in metrics)
-        init = inits.zeros_first_exact if use_zeros else inits.noise
+        if self.shared_init:
+            known = [m for m in metrics  # blocks without `affine` have no IGM (NaN)
+                     if math.isfinite(m.igm_noise) and math.isfinite(m.igm_zeros_first_exact)]
+            overall = _better_guess(sum(m.igm_noise for m in known),
+                                    sum(m.igm_zeros_first_exact for m in known))
+            guesses = [overall for _ in metrics]
+        else:
+            guesses = [_better_guess(m.igm_noise, m.igm_zeros_first_exact) for m in metrics]
         crms = [m.crm if m.crm is not None else 0.0 for m in metrics]
-        tough = select_tough(crms, self.dominance, self.max_tough)
-        default = Jacobi(tol=self.tol, max_iters=self.else_iters, init=init)
-        overrides = {i: GSJacobi(self.segments, tol=self.tol, max_iters=self.gs_iters, init=init)
-                     for i in sorted(tough)}
+        tough = set(select_tough(crms, self.dominance, self.max_tough))
+        usual = Counter(guesses).most_common(1)[0][0] if guesses else inits.noise
+        default = Jacobi(tol=self.tol, max_iters=self.else_iters, init=usual)
+        overrides: dict[int, Solver] = {}
+        for position, (m, guess) in enumerate(zip(metrics, guesses)):
+            if position in tough:
+                overrides[m.index] = GSJacobi(self.segments, tol=self.tol, max_iters=self.gs_iters,
+                                              init=guess)
+            elif guess is not usual:
+                overrides[m.index] = Jacobi(tol=self.tol, max_iters=self.else_iters, init=guess)
         return Plan(default, overrides)
 
     def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None,
@@ -96,6 +114,11 @@ class MetricPlanner:
         return self.plan_from_metrics(
             flow_metrics(flow, z, cond, self.tol, self.norm, show_progress=show_progress)
         )
+
+
+def _better_guess(igm_noise: float, igm_zeros_first_exact: float) -> inits.Init:
+    """The paper's Z0 when its IGM is smaller, else Z (also when the IGM is unknown, NaN)."""
+    return inits.zeros_first_exact if igm_zeros_first_exact < igm_noise else inits.noise
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import torch
 
 from arflow_solvers import (CalibratedPlanner, Flow, GSJacobi, Jacobi, MetricPlanner, Plan, Serial,
                             crm, igm, init, iterations_to_tolerance, solve)
+from arflow_solvers import init as inits
 from arflow_solvers.metrics import BlockMetrics, flow_metrics, trace
 from arflow_solvers.planners import select_tough
 from toys import CausalLinear, CausalMLP, serial_reference, shift_right
@@ -120,10 +121,21 @@ def test_metric_planner_gives_the_dominant_block_gs_segments_in_paper_notation()
     z = 0.1 * torch.randn(8, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     metrics = flow_metrics(flow, z)
     assert metrics[1].crm > 2 * max(metrics[0].crm, metrics[2].crm)
-    plan = MetricPlanner(segments=5, gs_iters=5, else_iters=5).plan(flow, z)
+    plan = MetricPlanner(segments=5, gs_iters=5, else_iters=5, shared_init=True).plan(flow, z)
     assert set(plan.overrides) == {1}
     assert str(plan) == "[1-5-5-5]"
     assert Plan.parse(str(plan), init=plan.default.init) == plan
+
+
+def test_metric_planner_picks_each_blocks_initial_guess_by_its_igm():
+    metrics = [BlockMetrics(index=i, igm_noise=z, igm_zeros_first_exact=z0, crm=1.0,
+                            iterations_mean=1.0, iterations_max=1)
+               for i, (z, z0) in enumerate([(1.0, 2.0), (3.0, 0.5), (1.0, 4.0), (float("nan"), 1.0)])]
+    plan = MetricPlanner().plan_from_metrics(metrics)
+    assert [plan.solver_for(i).init for i in range(4)] == [
+        inits.noise, inits.zeros_first_exact, inits.noise, inits.noise]
+    shared = MetricPlanner(shared_init=True).plan_from_metrics(metrics)
+    assert shared.overrides == {} and shared.default.init is inits.noise  # sums: 5 vs 6.5
 
 
 def test_calibrated_plan_meets_its_tolerance_and_is_cached(tmp_path):
