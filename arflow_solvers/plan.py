@@ -20,10 +20,11 @@ _NUMBERS = r"\d+(?:/\d+)*"
 _CAPS = r"(?:\d+|\*)(?:/(?:\d+|\*))*"
 _PAPER = re.compile(
     rf"^\[(?:(?P<stack>{_NUMBERS})-(?P<gs>{_NUMBERS})-(?P<j>{_CAPS})-)?(?P<rest>\d+|\*)\]"
-    r"(?:@(?P<tol>[0-9.]+(?:[eE][-+]?\d+)?))?(?::(?P<init>z0|z))?$"
+    r"(?:@(?P<tol>[0-9.]+(?:[eE][-+]?\d+)?))?(?::(?P<init>zeros_first_exact|noise|z0|z))?$"
 )
-# Initial guesses the notation can name (`:z0` / `:z` suffixes, the paper's Z0 and Z).
-_INIT_SUFFIX = {"z": inits.noise, "z0": inits.zeros_first_exact}
+# Initial guesses the notation can name: `:z0` / `:z` (the paper's Z0 and Z) or their names.
+_INIT_SUFFIX = {"z": inits.noise, "noise": inits.noise, "z0": inits.zeros_first_exact,
+                "zeros_first_exact": inits.zeros_first_exact}
 
 
 def _cap(text: str) -> int | None:

@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
+from _plans import parse_plan  # noqa: E402
 from mnist_maf import build_flow, compare, methods  # noqa: E402
-
-from arflow_solvers import Plan  # noqa: E402
 
 __all__ = ["condition_", "main"]
 
@@ -94,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="tqdm progress on stderr")
     p.add_argument("--plan", action="append", default=[], metavar="NAME=PLAN",
-                   help="also run PLAN (paper notation such as '[*]@1e-6', or a JSON file "
-                        "written by Plan.save / `arflow-solvers plan --out`); repeatable")
+                   help="also run PLAN (paper notation such as '[*]@1e-6', serial, jacobi, gs<M>, "
+                        "or a .json file written by Plan.save / `arflow-solvers plan`); repeatable")
     p.add_argument("--no-float64", action="store_true",
                    help="skip the float64 reference (errors vs the exact answer)")
     args = p.parse_args(argv)
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name, _, text = spec.partition("=")
         if not text:
             raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
-        plans[name] = Plan.load(text) if Path(text).is_file() else Plan.parse(text, model["layers"])
+        plans[name] = parse_plan(text, model["layers"])
     rows, _ = compare(flow, args.samples, plans, seed=args.seed, repeats=args.repeats,
                       progress=args.progress, float64=not args.no_float64,
                       slot_seconds=args.slot_seconds)

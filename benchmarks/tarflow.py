@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.tarflow import TarFlow, as_flow  # noqa: E402
-from arflow_solvers import GSJacobi, Jacobi, Plan, Serial, solve  # noqa: E402
-from arflow_solvers import init as inits  # noqa: E402
+from arflow_solvers import Serial, solve  # noqa: E402
+from _plans import parse_plan  # noqa: E402
 
 __all__ = ["public_loop_reverse", "build_model", "parse_plan", "main"]
 
@@ -136,39 +136,6 @@ def build_model(args: argparse.Namespace) -> tuple[TarFlow, str]:
             if block.class_embed is not None:
                 block.class_embed.normal_(0, 0.3)
     return model.eval(), f"random:{args.shape}"
-
-
-_INITS = {"z": inits.noise, "noise": inits.noise, "z0": inits.zeros_first_exact,
-          "zeros_first_exact": inits.zeros_first_exact}
-
-
-def parse_plan(text: str, num_blocks: int, tol: float) -> Any:
-    """`serial`, `jacobi`, `gs<M>`, the paper's `[Stack-GS-J-Else]` notation, or `file:PATH`.
-
-    Optional suffixes: `@TOL` sets the tolerance of this plan (default `tol`), `:z0` /
-    `:z` the initial guess (zeros with exact first position / the noise, default the noise),
-    e.g. `[0-196-1-*]@1e-3:z0`. `file:PATH` loads a plan saved by `Plan.save` or the
-    `--json` file of `arflow-solvers plan` (its `plan_spec`).
-    """
-    if text.startswith("file:"):
-        data = json.loads(Path(text[5:]).read_text())
-        return Plan.from_dict(data.get("plan_spec", data))
-    init = inits.noise
-    if ":" in text:
-        text, _, name = text.rpartition(":")
-        if name not in _INITS:
-            raise ValueError(f"init suffix must be one of {sorted(_INITS)}; got {name!r}")
-        init = _INITS[name]
-    if "@" in text:
-        text, _, tol_text = text.partition("@")
-        tol = float(tol_text)
-    if text == "serial":
-        return Serial()
-    if text == "jacobi":
-        return Jacobi(tol=tol, init=init)
-    if text.startswith("gs"):
-        return GSJacobi(segments=int(text[2:]), tol=tol, init=init)
-    return Plan.parse(text, num_blocks=num_blocks, tol=tol, init=init)
 
 
 def _timed_all(fns: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, tuple]:
