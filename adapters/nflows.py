@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,6 +14,8 @@ from torch.nn import functional as F
 
 from arflow_solvers import Flow, solve
 
+from ._packed import PackedLinear, degree_order
+
 try:
     from nflows.flows.base import Flow as NflowsFlow
     from nflows.transforms.autoregressive import (
@@ -20,7 +23,7 @@ try:
         MaskedAffineAutoregressiveTransform,
     )
     from nflows.transforms.base import CompositeTransform, InverseTransform, Transform
-    from nflows.transforms.made import MaskedLinear
+    from nflows.transforms.made import MADE, MaskedFeedforwardBlock, MaskedLinear, MaskedResidualBlock
     from nflows.transforms.normalization import BatchNorm
 except ImportError as error:  # pragma: no cover - exercised only without nflows
     raise ImportError(
@@ -52,6 +55,10 @@ def _features(transform: AutoregressiveTransform) -> int:
     )
 
 
+_PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""layer -> (weight version, `weight * mask`), shared by every wrap of the layer."""
+
+
 class _MaskedWeights:
     """`weight * mask` of every nflows `MaskedLinear` in a network, computed once per weight.
 
@@ -65,15 +72,15 @@ class _MaskedWeights:
 
     def __init__(self, net: torch.nn.Module):
         self.layers = [m for m in net.modules() if isinstance(m, MaskedLinear)]
-        self.products: dict[int, tuple[tuple, Tensor]] = {}
 
-    def _product(self, layer: MaskedLinear) -> Tensor:
+    @staticmethod
+    def _product(layer: MaskedLinear) -> Tensor:
         weight, mask = layer.weight, layer.mask
         key = (weight.data_ptr(), weight._version, mask.data_ptr(), mask._version, weight.dtype)
-        stored = self.products.get(id(layer))
+        stored = _PRODUCTS.get(layer)
         if stored is None or stored[0] != key:
             stored = (key, weight * mask)
-            self.products[id(layer)] = stored
+            _PRODUCTS[layer] = stored
         return stored[1]
 
     @contextmanager
@@ -92,6 +99,89 @@ class _MaskedWeights:
 
 def _fixed_linear(weight: Tensor, bias: Tensor | None) -> Any:
     return lambda x: F.linear(x, weight, bias)
+
+
+_PACKED_MIN_BATCH = 12
+"""Below this batch the dense product is faster on CPU (feature-major products of a few columns are slow)."""
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""transform -> (weight versions, packed MADE): packing costs about ten passes, so it is kept."""
+
+
+def _version_key(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `module` is replaced or updated in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
+class _PackedMADE:
+    """nflows' MADE for MAF's affine inverse, with the masked zeros skipped (see `adapters._packed`).
+
+    Computes `(z - shift) / scale` like nflows, from the same weights, on feature-major
+    activations: equal to nflows' result to float rounding (the sums run in another
+    order), at about 0.55 of the cost of nflows' pass for the MNIST MAF of the docs.
+    """
+
+    def __init__(self, transform: MaskedAffineAutoregressiveTransform):
+        net = transform.autoregressive_net
+        _check_packable(transform, net)
+        self.net = net
+        self.epsilon = transform._epsilon
+        features = net.initial_layer.in_features
+        order = degree_order(net.initial_layer.degrees)  # hidden units; inputs are 1..D already
+        self.order = order
+        self.initial = _pack(net.initial_layer, order, torch.arange(features, device=order.device))
+        self.blocks: list[tuple[torch.nn.Module, PackedLinear, PackedLinear | None]] = []
+        for block in net.blocks:
+            if isinstance(block, MaskedResidualBlock):  # keeps the degrees of its input
+                self.blocks.append((block, _pack(block.linear_layers[0], order, order),
+                                    _pack(block.linear_layers[1], order, order)))
+            else:
+                rows = degree_order(block.linear.degrees)
+                self.blocks.append((block, _pack(block.linear, rows, order), None))
+                order = rows
+        # Outputs are interleaved (u_1, b_1, u_2, ...) with degrees 1..D: already sorted.
+        final, outputs = net.final_layer, torch.arange(features, device=order.device)
+        self.scale = PackedLinear.pack(final.weight[0::2], final.mask[0::2], final.bias[0::2], outputs, order)
+        self.shift = PackedLinear.pack(final.weight[1::2], final.mask[1::2], final.bias[1::2], outputs, order)
+
+    def inverse_map(self, x: Tensor, z: Tensor, context: Tensor | None) -> Tensor:
+        """`(B, D)` iterate and noise to nflows' update `(z - shift) / scale`, `(B, D)`."""
+        net, order = self.net, self.order
+        h = self.initial(x.T.contiguous())
+        if context is not None:
+            h += net.activation(net.context_layer(context))[:, order].T
+        if not net.use_residual_blocks:
+            h = net.activation(h)
+        for block, first, second in self.blocks:
+            if second is None:  # feed-forward block: act(linear(h))
+                h = block.activation(first(h))
+                continue
+            temps = first(block.activation(h))
+            if context is not None:
+                temps += block.context_layer(context)[:, order].T
+            h = h + second(block.activation(temps))
+        scale = F.softplus(self.scale(h)).add_(self.epsilon)
+        return ((z.T - self.shift(h)) / scale).T
+
+
+def _pack(layer: MaskedLinear, rows: Tensor, cols: Tensor) -> PackedLinear:
+    return PackedLinear.pack(layer.weight, layer.mask, layer.bias, rows, cols)
+
+
+def _check_packable(transform: Transform, net: torch.nn.Module) -> None:
+    """Raise `ValueError` naming what keeps `transform`'s network from being packed."""
+    name = type(transform).__name__
+    if type(net) is not MADE:
+        raise ValueError(f"bitwise=False needs nflows' MADE in {name}; got {type(net).__name__}")
+    for block in net.blocks:
+        if type(block) not in (MaskedResidualBlock, MaskedFeedforwardBlock):
+            raise ValueError(f"bitwise=False cannot pack a {type(block).__name__} in {name}'s MADE")
+        if getattr(block, "batch_norm", None) is not None or getattr(block, "use_batch_norm", False):
+            raise ValueError(f"bitwise=False cannot pack batch norm inside {name}'s MADE")
+        if block.training and block.dropout.p > 0:
+            raise ValueError(f"{name}'s MADE uses dropout in training mode; call flow.eval() first")
 
 
 class NflowsARBlock:
@@ -154,17 +244,39 @@ class NflowsAffineBlock(NflowsARBlock):
     returns for the metrics (IGM, CRM). The solvers iterate `inverse_map`, computed exactly
     as nflows does (`(z - shift) / scale`), so the answer matches nflows bit for bit.
 
+    With `bitwise=False` the update runs on a packed copy of the MADE instead (degree-sorted,
+    block-triangular weights that skip the masked zeros, feature-major activations): the
+    same function at about 0.55 of the cost of nflows' pass on the MNIST MAF of the docs,
+    equal to nflows' update to float rounding rather than bit for bit. The copy is rebuilt
+    when a weight changes.
+
     Arguments:
         transform: a `MaskedAffineAutoregressiveTransform`.
+        bitwise: compute the update as nflows does (`True`, default) or on the packed MADE.
     """
 
-    def __init__(self, transform: MaskedAffineAutoregressiveTransform):
+    def __init__(self, transform: MaskedAffineAutoregressiveTransform, *, bitwise: bool = True):
         if not isinstance(transform, MaskedAffineAutoregressiveTransform):
             raise TypeError(
                 "transform must be an nflows MaskedAffineAutoregressiveTransform; "
                 f"got {type(transform).__name__}"
             )
+        if not isinstance(bitwise, bool):
+            raise TypeError(f"bitwise must be a bool; got {bitwise!r}")
         super().__init__(transform)
+        self.bitwise = bitwise
+        if not bitwise:
+            _check_packable(transform, transform.autoregressive_net)
+
+    def _packed_made(self) -> _PackedMADE:
+        """The transform's packed MADE, shared by every wrap of it, rebuilt when a weight changes."""
+        key = _version_key(self.transform.autoregressive_net)
+        stored = _PACKED.get(self.transform)
+        if stored is None or stored[0] != key:
+            with torch.no_grad():
+                stored = (key, _PackedMADE(self.transform))
+            _PACKED[self.transform] = stored
+        return stored[1]
 
     def _scale_shift(self, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         params = self._net(x, cond)
@@ -177,8 +289,12 @@ class NflowsAffineBlock(NflowsARBlock):
         The same operations in the same order as nflows' `_elementwise_inverse`, so the
         same bits; skipping `log(scale)` and its sum saves a fifth of a pass at batch 64.
         """
+        flat_z = _flat(z, self.seq_len, "z")
+        if not self.bitwise and x.shape[0] >= _PACKED_MIN_BATCH and not torch.is_grad_enabled():
+            out = self._packed_made().inverse_map(_flat(x, self.seq_len), flat_z, cond)
+            return out.unsqueeze(-1)
         scale, shift = self._scale_shift(x, cond)
-        return ((_flat(z, self.seq_len, "z") - shift) / scale).reshape(x.shape[0], self.seq_len, 1)
+        return ((flat_z - shift) / scale).reshape(x.shape[0], self.seq_len, 1)
 
     def affine(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """`(mu, log_sigma)` of `x = exp(log_sigma) z + mu`, each `(B, T, 1)`."""
@@ -219,13 +335,17 @@ class NflowsStep:
         return f"NflowsStep({type(self.transform).__name__})"
 
 
-def ar_block(transform: AutoregressiveTransform) -> NflowsARBlock:
-    """The block for one nflows AR transform: affine when it is MAF's, a causal map otherwise."""
+def ar_block(transform: AutoregressiveTransform, *, bitwise: bool = True) -> NflowsARBlock:
+    """The block for one nflows AR transform: affine when it is MAF's, a causal map otherwise.
+
+    `bitwise=False` packs MAF's MADE (see [`NflowsAffineBlock`][adapters.nflows.NflowsAffineBlock]);
+    other AR transforms are always evaluated by nflows.
+    """
     if isinstance(transform, MaskedAffineAutoregressiveTransform) and (
         type(transform)._elementwise_inverse
         is MaskedAffineAutoregressiveTransform._elementwise_inverse
     ):
-        return NflowsAffineBlock(transform)
+        return NflowsAffineBlock(transform, bitwise=bitwise)
     return NflowsARBlock(transform)
 
 
@@ -240,10 +360,10 @@ def _contains_ar(transform: Transform) -> bool:
     return any(isinstance(m, AutoregressiveTransform) for m in transform.modules())
 
 
-def _step(transform: Transform) -> Any:
+def _step(transform: Transform, bitwise: bool) -> Any:
     """The sampling step for one nflows leaf transform."""
     if isinstance(transform, AutoregressiveTransform):
-        return ar_block(transform)
+        return ar_block(transform, bitwise=bitwise)
     if isinstance(transform, BatchNorm) and transform.training:
         raise ValueError(
             "nflows BatchNorm has no inverse in training mode; call flow.eval() before wrapping"
@@ -256,7 +376,7 @@ def _step(transform: Transform) -> Any:
     return NflowsStep(transform)
 
 
-def wrap(flow_or_transform: Any) -> Flow:
+def wrap(flow_or_transform: Any, *, bitwise: bool = True) -> Flow:
     """An nflows `Flow` or `Transform` as an [`arflow_solvers.Flow`][arflow_solvers.Flow].
 
     The transform list (nested `CompositeTransform`s flattened) is reversed into sampling
@@ -267,7 +387,10 @@ def wrap(flow_or_transform: Any) -> Flow:
     `cond` (what nflows hands its transforms: `flow._embedding_net(context)`);
     [`sample`][adapters.nflows.sample] does that for you.
 
-    Transforms are used as they are (same parameters, same train/eval mode).
+    Transforms are used as they are (same parameters, same train/eval mode). With
+    `bitwise=False` MAF's affine blocks evaluate a packed copy of their MADE that skips the
+    masked zeros (see [`NflowsAffineBlock`][adapters.nflows.NflowsAffineBlock]): about
+    1.8x cheaper per pass, equal to nflows to float rounding instead of bit for bit.
 
     References:
         Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017),
@@ -279,6 +402,7 @@ def wrap(flow_or_transform: Any) -> Flow:
     Arguments:
         flow_or_transform: an `nflows.flows.Flow` (its `_transform` is wrapped) or any
             `nflows.transforms.Transform`.
+        bitwise: evaluate MAF's blocks exactly as nflows does (default) or packed.
 
     Example:
         >>> import torch
@@ -312,7 +436,7 @@ def wrap(flow_or_transform: Any) -> Flow:
             f"got {type(flow_or_transform).__name__}"
         )
     leaves = _density_order(transform)
-    return Flow([_step(leaf) for leaf in reversed(leaves)])
+    return Flow([_step(leaf, bitwise) for leaf in reversed(leaves)])
 
 
 def sample(
@@ -323,6 +447,7 @@ def sample(
     *,
     return_solution: bool = False,
     throw: bool = True,
+    bitwise: bool = True,
 ) -> Any:
     """`flow.sample(num_samples, context)`, with the AR transforms inverted by `plan`.
 
@@ -339,6 +464,7 @@ def sample(
         context: `(C, ...)` context or `None`.
         return_solution: also return the [`Solution`][arflow_solvers.Solution] (statistics).
         throw: raise if the result is not finite (see [`solve`][arflow_solvers.solve]).
+        bitwise: `False` evaluates MAF's blocks on packed MADEs (see [`wrap`][adapters.nflows.wrap]).
 
     Returns:
         The samples, or `(samples, solution)` with `return_solution=True`.
@@ -353,7 +479,7 @@ def sample(
         if embedded is not None:
             noise = noise.reshape(-1, *noise.shape[2:])
             embedded = embedded.repeat_interleave(num_samples, dim=0)
-        solution = solve(wrap(flow), noise.reshape(noise.shape[0], -1, 1), plan,
+        solution = solve(wrap(flow, bitwise=bitwise), noise.reshape(noise.shape[0], -1, 1), plan,
                          cond=embedded, throw=throw)
         samples = solution.x.reshape(noise.shape)
         if embedded is not None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 from _plans import parse_plan  # noqa: E402
-from mnist_maf import build_flow, compare, methods  # noqa: E402
+from mnist_maf import Packed, build_flow, compare, methods  # noqa: E402
 
 __all__ = ["condition_", "main"]
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plan", action="append", default=[], metavar="NAME=PLAN",
                    help="also run PLAN (paper notation such as '[*]@1e-6', serial, jacobi, gs<M>, "
                         "or a .json file written by Plan.save / `arflow-solvers plan`); repeatable")
+    p.add_argument("--packed-plan", action="append", default=[], metavar="NAME=PLAN",
+                   help="like --plan, on packed MADEs (`wrap(flow, bitwise=False)`); repeatable")
     p.add_argument("--no-float64", action="store_true",
                    help="skip the float64 reference (errors vs the exact answer)")
     args = p.parse_args(argv)
@@ -108,11 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(plans)}")
         plans = {k: v for k, v in plans.items() if k in wanted}
-    for spec in args.plan:
-        name, _, text = spec.partition("=")
-        if not text:
-            raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
-        plans[name] = parse_plan(text, model["layers"])
+    for packed, specs in ((False, args.plan), (True, args.packed_plan)):
+        for spec in specs:
+            name, _, text = spec.partition("=")
+            if not text:
+                raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
+            plan = parse_plan(text, model["layers"])
+            plans[name] = Packed(plan) if packed else plan
     rows, _ = compare(flow, args.samples, plans, seed=args.seed, repeats=args.repeats,
                       progress=args.progress, float64=not args.no_float64,
                       slot_seconds=args.slot_seconds)
