@@ -101,10 +101,6 @@ def _fixed_linear(weight: Tensor, bias: Tensor | None) -> Any:
     return lambda x: F.linear(x, weight, bias)
 
 
-_PACKED_MIN_BATCH = 12
-"""Below this batch the dense product is faster on CPU (feature-major products of a few columns are slow)."""
-
-
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """transform -> (weight versions, packed MADE): packing costs about ten passes, so it is kept."""
 
@@ -290,7 +286,7 @@ class NflowsAffineBlock(NflowsARBlock):
         same bits; skipping `log(scale)` and its sum saves a fifth of a pass at batch 64.
         """
         flat_z = _flat(z, self.seq_len, "z")
-        if not self.bitwise and x.shape[0] >= _PACKED_MIN_BATCH and not torch.is_grad_enabled():
+        if not self.bitwise and not torch.is_grad_enabled():
             out = self._packed_made().inverse_map(_flat(x, self.seq_len), flat_z, cond)
             return out.unsqueeze(-1)
         scale, shift = self._scale_shift(x, cond)

@@ -22,7 +22,7 @@ from adapters.nflows import NflowsAffineBlock, sample, wrap  # noqa: E402
 from arflow_solvers import Jacobi, solve_inverse  # noqa: E402
 
 D = 8
-BATCH = 16  # at least the packed path's minimum batch
+BATCH = 16
 
 
 @settings(max_examples=40, deadline=None)
@@ -74,7 +74,7 @@ MADES = {
 }
 
 
-@pytest.mark.parametrize("batch", [BATCH, 3])  # packed products, and the dense path below the minimum
+@pytest.mark.parametrize("batch", [BATCH, 1])
 @pytest.mark.parametrize("options", MADES.values(), ids=MADES.keys())
 def test_packed_update_equals_nflows_update_to_rounding(options, batch):
     torch.manual_seed(0)
