@@ -104,7 +104,7 @@ def _jacobi_segment(
         everyone = active.numel() == batch
         old = x[:, exact:stop] if everyone else x[active, exact:stop]
         delta = (new - old).abs_().amax(dim=(1, 2))
-        scale = torch.maximum(new.amax(dim=(1, 2)), new.amin(dim=(1, 2)).neg())
+        threshold = atol + tol * _max_abs(new) if tol > 0 else atol
         if everyone:
             x[:, exact:stop] = new
         else:
@@ -119,7 +119,7 @@ def _jacobi_segment(
         growth[active] = torch.where(grew, growth[active] + 1, torch.zeros_like(growth[active]))
         previous[active] = delta
         bad = ~torch.isfinite(delta) | (growth[active] >= patience)
-        done = bad | (delta <= atol + tol * scale)
+        done = bad | (delta <= threshold)
         if bool(bad.any()):
             suspects = active[bad]
             # A non-finite exact prefix is the serial answer itself overflowing: falling
@@ -148,6 +148,11 @@ def _jacobi_segment(
                                  give_up=give_up)
         status[members] = Status.FELL_BACK
     return _Segment(iterations, residuals, status)
+
+
+def _max_abs(new: Tensor) -> Tensor:
+    """Per-sample `max |new|`, without materialising `|new|`."""
+    return torch.maximum(new.amax(dim=(1, 2)), new.amin(dim=(1, 2)).neg())
 
 
 def _evaluate(ev: Evaluator, x: Tensor, rows: Tensor, active: Tensor, start: int, stop: int,
