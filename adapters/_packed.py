@@ -64,12 +64,12 @@ class PackedLinear:
         out_features = masked.shape[0]
         count = max(1, round(out_features / group_rows))
         edges = [round(k * out_features / count) for k in range(count + 1)]
-        groups = tuple(
-            _Group(slice(lo, hi), int(widths[lo:hi].max()), masked[lo:hi, : int(widths[lo:hi].max())].contiguous())
-            for lo, hi in zip(edges[:-1], edges[1:])
-        )
+        groups = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            width = int(widths[lo:hi].max())
+            groups.append(_Group(slice(lo, hi), width, masked[lo:hi, :width].contiguous()))
         full_bias = torch.zeros(out_features, dtype=weight.dtype, device=weight.device) if bias is None else bias[rows]
-        return cls(groups, full_bias.reshape(-1, 1).contiguous())
+        return cls(tuple(groups), full_bias.reshape(-1, 1).contiguous())
 
     def __call__(self, h: Tensor) -> Tensor:
         """`(in, batch)` to `(out, batch)`."""

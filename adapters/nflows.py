@@ -56,7 +56,27 @@ def _features(transform: AutoregressiveTransform) -> int:
 
 
 _PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""layer -> (weight version, `weight * mask`), shared by every wrap of the layer."""
+"""layer -> (weight versions, `weight * mask`), shared by every wrap of the layer."""
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""transform -> (weight versions, packed MADE), so that every wrap of a transform shares one packing."""
+
+
+def _version_key(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `module` is replaced or updated in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
+def _kept(store: weakref.WeakKeyDictionary, module: torch.nn.Module, build: Any) -> Any:
+    """`build()`, computed once per version of `module`'s weights and kept in `store`."""
+    key = _version_key(module)
+    stored = store.get(module)
+    if stored is None or stored[0] != key:
+        with torch.no_grad():
+            stored = (key, build())
+        store[module] = stored
+    return stored[1]
 
 
 class _MaskedWeights:
@@ -75,13 +95,7 @@ class _MaskedWeights:
 
     @staticmethod
     def _product(layer: MaskedLinear) -> Tensor:
-        weight, mask = layer.weight, layer.mask
-        key = (weight.data_ptr(), weight._version, mask.data_ptr(), mask._version, weight.dtype)
-        stored = _PRODUCTS.get(layer)
-        if stored is None or stored[0] != key:
-            stored = (key, weight * mask)
-            _PRODUCTS[layer] = stored
-        return stored[1]
+        return _kept(_PRODUCTS, layer, lambda: layer.weight * layer.mask)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -99,16 +113,6 @@ class _MaskedWeights:
 
 def _fixed_linear(weight: Tensor, bias: Tensor | None) -> Any:
     return lambda x: F.linear(x, weight, bias)
-
-
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""transform -> (weight versions, packed MADE), so that every wrap of a transform shares one packing."""
-
-
-def _version_key(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of `module` is replaced or updated in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for t in (*module.parameters(), *module.buffers()))
 
 
 class _PackedMADE:
@@ -266,13 +270,7 @@ class NflowsAffineBlock(NflowsARBlock):
 
     def _packed_made(self) -> _PackedMADE:
         """The transform's packed MADE, shared by every wrap of it, rebuilt when a weight changes."""
-        key = _version_key(self.transform.autoregressive_net)
-        stored = _PACKED.get(self.transform)
-        if stored is None or stored[0] != key:
-            with torch.no_grad():
-                stored = (key, _PackedMADE(self.transform))
-            _PACKED[self.transform] = stored
-        return stored[1]
+        return _kept(_PACKED, self.transform, lambda: _PackedMADE(self.transform))
 
     def _scale_shift(self, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         params = self._net(x, cond)
@@ -386,7 +384,7 @@ def wrap(flow_or_transform: Any, *, bitwise: bool = True) -> Flow:
     Transforms are used as they are (same parameters, same train/eval mode). With
     `bitwise=False` MAF's affine blocks evaluate a packed copy of their MADE that skips the
     masked zeros (see [`NflowsAffineBlock`][adapters.nflows.NflowsAffineBlock]): about
-    1.8x cheaper per pass, equal to nflows to float rounding instead of bit for bit.
+    0.42 of the cost of nflows' pass, equal to nflows to float rounding instead of bit for bit.
 
     References:
         Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017),

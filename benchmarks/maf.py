@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for spec in specs:
             name, _, text = spec.partition("=")
             if not text:
-                raise SystemExit(f"--plan needs NAME=PLAN; got {spec!r}")
+                raise SystemExit(f"--{'packed-' if packed else ''}plan needs NAME=PLAN; got {spec!r}")
             plan = parse_plan(text, model["layers"])
             plans[name] = Packed(plan) if packed else plan
     rows, _ = compare(flow, args.samples, plans, seed=args.seed, repeats=args.repeats,

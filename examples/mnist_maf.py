@@ -87,10 +87,9 @@ def _sampler(flow: Any, num_samples: int, plan: Any, seed: int) -> Any:
         if plan is None:
             with torch.no_grad():
                 return flow.sample(num_samples), None
-        if isinstance(plan, Packed):
-            return solver_sample(flow, num_samples, plan.plan, return_solution=True, throw=False,
-                                 bitwise=False)
-        return solver_sample(flow, num_samples, plan, return_solution=True, throw=False)
+        packed = isinstance(plan, Packed)
+        return solver_sample(flow, num_samples, plan.plan if packed else plan,
+                             return_solution=True, throw=False, bitwise=not packed)
     return run
 
 
