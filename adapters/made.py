@@ -100,9 +100,9 @@ class MADE(nn.Module):
 
     As an [`AffineARBlock`][arflow_solvers.AffineARBlock] it works on sequences in its own
     order: `affine(x)` takes `(B, T, 1)` with `x[:, t]` the `t`-th visited dimension, so
-    `T = features` and `D = 1`. The data-space methods ([`forward`][adapters.made.MADE.forward],
-    [`log_prob`][adapters.made.MADE.log_prob]) take `(B, features)` vectors and apply `order`
-    themselves; [`as_flow`][adapters.made.MADE.as_flow] adds the permutations for sampling.
+    `T = features` and `D = 1`. The data-space methods ([`forward`][arflow_solvers.adapters.made.MADE.forward],
+    [`log_prob`][arflow_solvers.adapters.made.MADE.log_prob]) take `(B, features)` vectors and apply `order`
+    themselves; [`as_flow`][arflow_solvers.adapters.made.MADE.as_flow] adds the permutations for sampling.
 
     References:
         MADE: Masked Autoencoder for Distribution Estimation (Germain et al., 2015),
@@ -287,7 +287,7 @@ class MAF(nn.Module):
     `k` visits dimensions in natural order for even `k` and reversed for odd `k` (the MAF
     paper's reversal between layers); pass `orders` to choose them.
 
-    [`as_flow`][adapters.made.MAF.as_flow] returns the blocks in **sampling order** (block 0
+    [`as_flow`][arflow_solvers.adapters.made.MAF.as_flow] returns the blocks in **sampling order** (block 0
     of a plan is the last MADE of the density direction).
 
     References:

@@ -27,7 +27,7 @@ try:
     from nflows.transforms.normalization import BatchNorm
 except ImportError as error:  # pragma: no cover - exercised only without nflows
     raise ImportError(
-        "adapters.nflows needs nflows: pip install 'arflow-solvers[nflows]'"
+        "arflow_solvers.adapters.nflows needs nflows: pip install 'arflow-solvers[nflows]'"
     ) from error
 
 __all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "ar_block", "build_maf",
@@ -116,7 +116,7 @@ def _fixed_linear(weight: Tensor, bias: Tensor | None) -> Any:
 
 
 class _PackedMADE:
-    """nflows' MADE for MAF's affine inverse, with the masked zeros skipped (see `adapters._packed`).
+    """nflows' MADE for MAF's affine inverse, with the masked zeros skipped (see `arflow_solvers.adapters._packed`).
 
     Computes `(z - shift) / scale` like nflows, from the same weights, on feature-major
     activations: equal to nflows' result to float rounding (the sums run in another
@@ -332,7 +332,7 @@ class NflowsStep:
 def ar_block(transform: AutoregressiveTransform, *, bitwise: bool = True) -> NflowsARBlock:
     """The block for one nflows AR transform: affine when it is MAF's, a causal map otherwise.
 
-    `bitwise=False` packs MAF's MADE (see [`NflowsAffineBlock`][adapters.nflows.NflowsAffineBlock]);
+    `bitwise=False` packs MAF's MADE (see [`NflowsAffineBlock`][arflow_solvers.adapters.nflows.NflowsAffineBlock]);
     other AR transforms are always evaluated by nflows.
     """
     if isinstance(transform, MaskedAffineAutoregressiveTransform) and (
@@ -379,11 +379,11 @@ def wrap(flow_or_transform: Any, *, bitwise: bool = True) -> Flow:
     by nflows (`transform.inverse(x, context)`). The flow works on `(B, D, 1)` tensors;
     nflows' `(B, D)` noise `z` maps to `z.unsqueeze(-1)`. Pass the embedded context as
     `cond` (what nflows hands its transforms: `flow._embedding_net(context)`);
-    [`sample`][adapters.nflows.sample] does that for you.
+    [`sample`][arflow_solvers.adapters.nflows.sample] does that for you.
 
     Transforms are used as they are (same parameters, same train/eval mode). With
     `bitwise=False` MAF's affine blocks evaluate a packed copy of their MADE that skips the
-    masked zeros (see [`NflowsAffineBlock`][adapters.nflows.NflowsAffineBlock]): about
+    masked zeros (see [`NflowsAffineBlock`][arflow_solvers.adapters.nflows.NflowsAffineBlock]): about
     0.42 of the cost of nflows' pass, equal to nflows to float rounding instead of bit for bit.
 
     References:
@@ -458,7 +458,7 @@ def sample(
         context: `(C, ...)` context or `None`.
         return_solution: also return the [`Solution`][arflow_solvers.Solution] (statistics).
         throw: raise if the result is not finite (see [`solve`][arflow_solvers.solve]).
-        bitwise: `False` evaluates MAF's blocks on packed MADEs (see [`wrap`][adapters.nflows.wrap]).
+        bitwise: `False` evaluates MAF's blocks on packed MADEs (see [`wrap`][arflow_solvers.adapters.nflows.wrap]).
 
     Returns:
         The samples, or `(samples, solution)` with `return_solution=True`.

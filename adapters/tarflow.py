@@ -54,7 +54,7 @@ def patchify(x: Tensor, patch_size: int) -> Tensor:
 
 
 def unpatchify(x: Tensor, img_size: int, patch_size: int) -> Tensor:
-    """Inverse of [`patchify`][adapters.tarflow.patchify] for square images.
+    """Inverse of [`patchify`][arflow_solvers.adapters.tarflow.patchify] for square images.
 
     Arguments:
         x: `(B, T, C * patch_size**2)` patches in raster order.
@@ -183,7 +183,7 @@ class TarFlowBlock(nn.Module):
       (\log\sigma_t, \mu_t) = \mathrm{proj\_out}(h_{t-1}),$$
 
     where $h$ is the transformer output; row 0 has $\mu_0 = \log\sigma_0 = 0$. For sampling
-    wrap it with [`ar_block`][adapters.tarflow.TarFlowBlock.ar_block], which satisfies
+    wrap it with [`ar_block`][arflow_solvers.adapters.tarflow.TarFlowBlock.ar_block], which satisfies
     [`CachedARBlock`][arflow_solvers.CachedARBlock] and works in the block's own order.
 
     References:
@@ -384,7 +384,7 @@ class TarFlowCache:
 
 
 class TarFlowARBlock:
-    r"""A [`TarFlowBlock`][adapters.tarflow.TarFlowBlock] as a cached autoregressive block.
+    r"""A [`TarFlowBlock`][arflow_solvers.adapters.tarflow.TarFlowBlock] as a cached autoregressive block.
 
     Works in the block's own (permuted) order; the flow puts the permutation around it.
     Satisfies [`CachedARBlock`][arflow_solvers.CachedARBlock] and
@@ -414,7 +414,7 @@ class TarFlowARBlock:
 
     Arguments:
         block: the network.
-        guidance: a [`Guidance`][adapters.tarflow.Guidance].
+        guidance: a [`Guidance`][arflow_solvers.adapters.tarflow.Guidance].
         y: default labels when `cond` is `None`.
     """
 
@@ -712,7 +712,7 @@ class _Unpatchify:
 class TarFlow(nn.Module):
     r"""TarFlow (Transformer AutoRegressive Flow), state-dict compatible with the public `Model`.
 
-    `num_blocks` [`TarFlowBlock`][adapters.tarflow.TarFlowBlock]s over patches, alternating
+    `num_blocks` [`TarFlowBlock`][arflow_solvers.adapters.tarflow.TarFlowBlock]s over patches, alternating
     identity and flipped order; a prior of variance `var` (`(T, D)`, learnt only when
     `nvp=False`). Keys: `blocks.{i}.{proj_in, pos_embed, class_embed, attn_blocks.{j}.*,
     proj_out, attn_mask}` and `var`, as in the public checkpoints.
@@ -864,7 +864,7 @@ def as_flow(
     """A TarFlow in sampling order, as a [`Flow`][arflow_solvers.Flow] for the solvers.
 
     Steps: scale by `var.sqrt()`, then per block of `reversed(model.blocks)` its
-    [`TarFlowARBlock`][adapters.tarflow.TarFlowARBlock] (between two flips for flipped
+    [`TarFlowARBlock`][arflow_solvers.adapters.tarflow.TarFlowARBlock] (between two flips for flipped
     blocks), then un-patchify. Flow block 0 is `model.blocks[-1]`. The flow maps `(B, T, D)`
     patch noise to `(B, C, H, W)` images; `cond` given to the solve (class labels) overrides
     `y`.
@@ -899,7 +899,7 @@ def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Fl
 
     Reads the format `examples/train_tarflow.py` saves (a dict with `config`, the `TarFlow`
     keyword arguments, and `state_dict`; `weights_only=True`). Returns the flow of
-    [`as_flow`][adapters.tarflow.as_flow] (no guidance), standard normal patch noise
+    [`as_flow`][arflow_solvers.adapters.tarflow.as_flow] (no guidance), standard normal patch noise
     `(batch, T, D)` drawn from a generator seeded with `seed`, and the conditioning: random
     labels in `[0, num_classes)` from the same generator for a class-conditional model,
     else `None`.
@@ -977,7 +977,7 @@ def sample(
         y: `(B,)` class labels or `None`.
         guidance: classifier-free guidance weight (0: off), as in `TarFlow.reverse`.
         attn_temp: attention temperature of the unconditional pass.
-        denoise: apply [`denoise`][adapters.tarflow.denoise] to the result.
+        denoise: apply [`denoise`][arflow_solvers.adapters.tarflow.denoise] to the result.
         noise_std: the training noise std used by the denoising step.
         guide_what: `'a'` (scale), `'b'` (shift) or `'ab'`, as in `TarFlow.reverse`.
         annealed_guidance: ramp the guidance weight along each block's sequence.

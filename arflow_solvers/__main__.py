@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from .metrics import flow_metrics, max_abs_error, trace
@@ -21,20 +22,30 @@ from .planners import CalibratedPlanner, MetricPlanner
 from .solve import solve
 from .solvers import Serial
 
-__all__ = ["main", "LOADERS"]
+__all__ = ["main", "loaders", "MODELS_GROUP"]
 
-LOADERS = {
-    "tarflow": "adapters.tarflow:load_for_planning",
-    "nflows": "adapters.nflows:load_for_planning",
-}
-"""Model kinds and the adapter function that loads them (`module:function`)."""
+MODELS_GROUP = "arflow_solvers.models"
+"""Entry-point group of model loaders: `name = "package.module:load_for_planning"`.
+
+A loader is `load_for_planning(path, batch, seed, device) -> (flow, noise, cond)`. A package
+adds a model kind to `arflow-solvers plan --model NAME` by declaring one in its metadata::
+
+    [project.entry-points."arflow_solvers.models"]
+    mymodel = "my_package.flows:load_for_planning"
+"""
+
+
+def loaders() -> dict[str, str]:
+    """Installed model kinds and their loaders (`module:function`), from the entry points."""
+    return {point.name: point.value for point in entry_points(group=MODELS_GROUP)}
 
 
 def _loader(name: str) -> Any:
-    target = LOADERS.get(name, name)
+    known = loaders()
+    target = known.get(name, name)
     module, _, function = target.partition(":")
     if not function:
-        raise SystemExit(f"--model must be one of {sorted(LOADERS)} or module:function; got {name!r}")
+        raise SystemExit(f"--model must be one of {sorted(known)} or module:function; got {name!r}")
     return getattr(importlib.import_module(module), function)
 
 
@@ -52,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="measure metrics, choose a plan, check it")
     plan.add_argument("checkpoint", help="path of the checkpoint the adapter loads")
-    plan.add_argument("--model", required=True, help=f"one of {sorted(LOADERS)} or module:function")
+    plan.add_argument("--model", required=True, help="an installed model kind (see MODELS_GROUP) or module:function")
     plan.add_argument("--planner", choices=["metric", "calibrated"], default="calibrated")
     plan.add_argument("--batch", type=int, default=16, help="calibration batch size")
     plan.add_argument("--tol", type=float, default=1e-5, help="solver tolerance")

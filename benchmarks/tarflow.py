@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.tarflow import TarFlow, as_flow  # noqa: E402
+from arflow_solvers.adapters.tarflow import TarFlow, as_flow  # noqa: E402
 from arflow_solvers import Serial, solve  # noqa: E402
 from _plans import parse_plan  # noqa: E402
 

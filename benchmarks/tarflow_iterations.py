@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.tarflow import as_flow, load_for_planning  # noqa: E402,F401
+from arflow_solvers.adapters.tarflow import as_flow, load_for_planning  # noqa: E402,F401
 from arflow_solvers import Jacobi, Serial  # noqa: E402
 from arflow_solvers import init as inits  # noqa: E402
 from arflow_solvers.metrics import crm, igm, trace  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from mnist_data import LAMBDA, dequantize_logit, load_mnist, logit_to_pixels, synthetic_digits  # noqa: E402
 
-from adapters.nflows import build_maf, sample as solver_sample, wrap  # noqa: E402
+from arflow_solvers.adapters.nflows import build_maf, sample as solver_sample, wrap  # noqa: E402
 from arflow_solvers import GSJacobi, Jacobi, Plan, Serial, solve  # noqa: E402
 
 __all__ = ["Packed", "build_flow", "methods", "compare", "format_table", "save_grid", "main"]

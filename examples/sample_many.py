@@ -21,7 +21,7 @@ from arflow_solvers.distributed import ShardSpec, sample_many
 
 def build_sampler(args, device):
     if args.tarflow:
-        from adapters.tarflow import TarFlow, as_flow
+        from arflow_solvers.adapters.tarflow import TarFlow, as_flow
 
         checkpoint = torch.load(args.tarflow, map_location=device, weights_only=True)
         model = TarFlow(**checkpoint["config"]).to(device).eval()
@@ -30,7 +30,7 @@ def build_sampler(args, device):
         num_patches = (model.img_size // model.patch_size) ** 2
         shape = (num_patches, model.in_channels * model.patch_size**2)
     else:
-        from adapters.made import MAF
+        from arflow_solvers.adapters.made import MAF
 
         torch.manual_seed(0)  # the same weights on every rank
         model = MAF(args.features, num_layers=3, hidden_features=[128]).to(device).eval()

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapters.tarflow import as_flow, denoise  # noqa: E402
+from arflow_solvers.adapters.tarflow import as_flow, denoise  # noqa: E402
 from arflow_solvers import GSJacobi, Jacobi, Plan, Serial, solve  # noqa: E402
 from train_tarflow import load_checkpoint  # noqa: E402
 

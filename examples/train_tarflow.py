@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.tarflow import TarFlow  # noqa: E402
+from arflow_solvers.adapters.tarflow import TarFlow  # noqa: E402
 
 __all__ = ["load_mnist", "synthetic_digits", "checkpoint_path", "load_checkpoint", "train"]
 

@@ -29,3 +29,10 @@ def test_calibrated_plan_command_keeps_the_calibration_in_its_json(tmp_path, cap
     calibration = json.loads(report.read_text())["calibration"]
     assert calibration["end_to_end_error"] <= 1e-3 and calibration["rounds"] >= 1
     assert all(len(block["candidates"]) >= 2 for block in calibration["blocks"])
+
+
+def test_model_kinds_come_from_the_installed_entry_points():
+    from arflow_solvers.__main__ import loaders
+
+    assert loaders()["nflows"] == "arflow_solvers.adapters.nflows:load_for_planning"
+    assert loaders()["tarflow"] == "arflow_solvers.adapters.tarflow:load_for_planning"

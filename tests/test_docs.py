@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE_PAGES = ["getting-started.md", "howto/custom-block.md", "howto/reading-a-solution.md"]
 PUBLIC_MODULES = ["arflow_solvers", "arflow_solvers.metrics", "arflow_solvers.planners",
-                  "arflow_solvers.init", "arflow_solvers.plot", "adapters.made", "adapters.nflows",
-                  "adapters.tarflow"]
+                  "arflow_solvers.init", "arflow_solvers.plot", "arflow_solvers.adapters.made", "arflow_solvers.adapters.nflows",
+                  "arflow_solvers.adapters.tarflow"]
 
 
 def python_blocks(page: str) -> list[str]:

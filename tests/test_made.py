@@ -1,4 +1,4 @@
-"""MADE and MAF (adapters.made): causality, density, inversion through the solvers."""
+"""MADE and MAF (arflow_solvers.adapters.made): causality, density, inversion through the solvers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.made import MADE, MAF, hidden_degrees
+from arflow_solvers.adapters.made import MADE, MAF, hidden_degrees
 from arflow_solvers import (
     AffineARBlock,
     Flow,

@@ -1,4 +1,4 @@
-"""adapters.nflows: wrapped nflows flows sample exactly what nflows samples, much faster."""
+"""arflow_solvers.adapters.nflows: wrapped nflows flows sample exactly what nflows samples, much faster."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from nflows.transforms import (  # noqa: E402
     ReversePermutation,
 )
 
-from adapters.nflows import NflowsAffineBlock, NflowsARBlock, NflowsStep, sample, wrap  # noqa: E402
+from arflow_solvers.adapters.nflows import NflowsAffineBlock, NflowsARBlock, NflowsStep, sample, wrap  # noqa: E402
 from arflow_solvers import (  # noqa: E402
     AffineARBlock,
     CausalMapBlock,
@@ -241,7 +241,7 @@ def test_jacobi_needs_far_fewer_passes_than_nflows():
 
 
 def test_load_for_planning_rebuilds_an_example_checkpoint(tmp_path):
-    from adapters.nflows import build_maf, load_for_planning
+    from arflow_solvers.adapters.nflows import build_maf, load_for_planning
     from arflow_solvers.__main__ import main
 
     torch.manual_seed(0)

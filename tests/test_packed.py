@@ -17,8 +17,8 @@ from nflows.transforms import (  # noqa: E402
     RandomPermutation,
 )
 
-from adapters._packed import PackedLinear, degree_order  # noqa: E402
-from adapters.nflows import NflowsAffineBlock, sample, wrap  # noqa: E402
+from arflow_solvers.adapters._packed import PackedLinear, degree_order  # noqa: E402
+from arflow_solvers.adapters.nflows import NflowsAffineBlock, sample, wrap  # noqa: E402
 from arflow_solvers import Jacobi, solve_inverse  # noqa: E402
 
 D = 8

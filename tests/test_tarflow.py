@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adapters.tarflow import TarFlow, TarFlowARBlock, as_flow, denoise, sample
+from arflow_solvers.adapters.tarflow import TarFlow, TarFlowARBlock, as_flow, denoise, sample
 from arflow_solvers import (
     CachedARBlock,
     GSJacobi,
@@ -467,7 +467,7 @@ def _train_example():
 
 
 def test_load_for_planning_reads_a_train_example_checkpoint(tmp_path):
-    from adapters.tarflow import load_for_planning
+    from arflow_solvers.adapters.tarflow import load_for_planning
     from arflow_solvers.__main__ import main as cli
 
     example = _train_example()
