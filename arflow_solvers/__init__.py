@@ -1,6 +1,7 @@
 """Fast sampling of autoregressive normalizing flows by Jacobi and GS-Jacobi iteration."""
 
-from . import init
+from . import divergence, init
+from .divergence import DivergencePolicy, FallBack, GiveUp
 from .flow import Flow, Permute
 from .metrics import crm, flow_metrics, igm, iterations_to_tolerance
 from .plan import Plan
@@ -9,6 +10,7 @@ from .protocol import AffineARBlock, CachedARBlock, CausalMapBlock, HasOutputPro
 from .solution import BlockStats, Solution, SolveError, Status
 from .solve import solve, solve_inverse
 from .solvers import GSJacobi, Jacobi, Serial, Solver, segment_bounds
+from .stopping import StoppingRule
 
 __all__ = [
     "AffineARBlock",
@@ -16,8 +18,11 @@ __all__ = [
     "CalibratedPlanner",
     "CachedARBlock",
     "CausalMapBlock",
+    "DivergencePolicy",
+    "FallBack",
     "Flow",
     "GSJacobi",
+    "GiveUp",
     "HasOutputProjection",
     "Jacobi",
     "MetricPlanner",
@@ -28,7 +33,9 @@ __all__ = [
     "SolveError",
     "Solver",
     "Status",
+    "StoppingRule",
     "crm",
+    "divergence",
     "flow_metrics",
     "igm",
     "init",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Evaluator", "select_rows", "affine_update"]
+__all__ = ["Evaluator", "CountedBlock", "select_rows", "affine_update"]
 
 
 def select_rows(cond: Any, rows: Tensor | None, batch_size: int) -> Any:
@@ -31,27 +31,57 @@ def affine_update(z: Tensor, mu: Tensor, log_sigma: Tensor, dtype: torch.dtype |
 
 
 class Evaluator:
-    """Evaluates rows `[start, stop)` of the inverse update for some samples of one block.
+    """The one gateway of a solve to its block: evaluates update rows and counts every call.
 
-    Uses the block's KV cache (`affine_range` / `commit`) when it has one, its own
-    `inverse_map` when it has one, and a full `affine` pass otherwise. Counts network calls
-    (`passes`) and full-pass equivalents (`work`).
+    Rows `[start, stop)` of the inverse update are computed from the block's KV cache
+    (`affine_range` / `commit`) when it has one, from its own `inverse_map` when it has one,
+    and from a full `affine` pass otherwise. Initial guesses see the block through
+    [`view`][arflow_solvers._evaluate.Evaluator.view], so their network calls are counted
+    too. `passes` counts network calls, `work` full-pass equivalents.
     """
 
     def __init__(self, block: Any, z: Tensor, cond: Any, update_dtype: torch.dtype | None):
         self.block = block
-        self.z = z
+        self._z = z
         self.cond = cond
         self.update_dtype = update_dtype
         self.batch_size, self.seq_len = z.shape[0], z.shape[1]
-        self.finite = torch.isfinite(z.flatten(1)).all(1)
+        self._finite = torch.isfinite(z.flatten(1)).all(1)
         self.has_map = callable(getattr(block, "inverse_map", None))
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0
-        self.passes = 0
-        self.work = 0.0
+        self._passes = 0
+        self._work = 0.0
         self._checked = False
+
+    @property
+    def passes(self) -> int:
+        """Network calls so far."""
+        return self._passes
+
+    @property
+    def work(self) -> float:
+        """Full-pass equivalents so far (samples x positions evaluated / (B x T))."""
+        return self._work
+
+    @property
+    def view(self) -> "CountedBlock":
+        """The block with its network calls counted here: what an initial guess receives."""
+        return CountedBlock(self)
+
+    def noise(self, samples: Tensor | None, start: int, stop: int) -> Tensor:
+        """Rows `[start, stop)` of the noise of `samples` (`None`: all)."""
+        return self._z[:, start:stop] if samples is None else self._z[samples, start:stop]
+
+    def finite_noise(self, samples: Tensor) -> Tensor:
+        """`(len(samples),)` bool: whether each sample's noise is finite."""
+        return self._finite[samples]
+
+    def count(self, samples: int, positions: int) -> None:
+        """Record one network call on `samples` samples and `positions` positions."""
+        self._passes += 1
+        self._work += samples * positions / (self.batch_size * self.seq_len)
 
     def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
         """New values of rows `[start, stop)` for samples `rows` (`None`: all).
@@ -59,23 +89,19 @@ class Evaluator:
         `x` holds those samples' iterates, `(b, T, D)`; returns `(b, stop - start, D)`.
         """
         cond = select_rows(self.cond, rows, self.batch_size)
-        self.passes += 1
         if self.has_map:
-            self.work += x.shape[0] / self.batch_size
-            z = self.z if rows is None else self.z[rows]
-            x_new = self.block.inverse_map(x, z, cond)
-            self._check("inverse_map", (x_new,), tuple(x.shape), x)
+            self.count(x.shape[0], self.seq_len)
+            result = self.block.inverse_map(x, self._z if rows is None else self._z[rows], cond)
+            (x_new,) = self._check("inverse_map", (result,), tuple(x.shape), x)
             return x_new[:, start:stop]
-        # Only rows [start, stop) of the noise are needed: gather just those.
-        z = self.z[:, start:stop] if rows is None else self.z[rows, start:stop]
+        z = self.noise(rows, start, stop)
         if self.cached:
-            mu, log_sigma = self.block.affine_range(self.cache, x, start, stop, cond, rows)
-            self._check("affine_range", (mu, log_sigma), (x.shape[0], stop - start, x.shape[2]), x)
-            self.work += x.shape[0] * (stop - self.committed) / (self.batch_size * self.seq_len)
+            self.count(x.shape[0], stop - self.committed)
+            result = self.block.affine_range(self.cache, x, start, stop, cond, rows)
+            mu, log_sigma = self._check("affine_range", result, (x.shape[0], stop - start, x.shape[2]), x)
             return affine_update(z, mu, log_sigma, self.update_dtype)
-        self.work += x.shape[0] / self.batch_size
-        mu, log_sigma = self.block.affine(x, cond)
-        self._check("affine", (mu, log_sigma), tuple(x.shape), x)
+        self.count(x.shape[0], self.seq_len)
+        mu, log_sigma = self._check("affine", self.block.affine(x, cond), tuple(x.shape), x)
         return affine_update(z, mu[:, start:stop], log_sigma[:, start:stop], self.update_dtype)
 
     def commit(self, x: Tensor, upto: int) -> None:
@@ -84,9 +110,13 @@ class Evaluator:
             self.block.commit(self.cache, x, upto, self.cond)
             self.committed = upto
 
-    def _check(self, method: str, outputs: tuple[Tensor, ...], shape: tuple, x: Tensor) -> None:
+    def _check(self, method: str, outputs: Any, shape: tuple, x: Tensor) -> tuple[Tensor, ...]:
+        """`outputs`, after checking (on the first call) that they are what `method` promises."""
         if self._checked:
-            return
+            return outputs
+        if method != "inverse_map" and (not isinstance(outputs, (tuple, list)) or len(outputs) != 2):
+            raise TypeError(f"block.{method} must return a pair (mu, log_sigma); got "
+                            f"{_describe(outputs)}")
         for out in outputs:
             if not isinstance(out, Tensor):
                 raise TypeError(f"block.{method} must return tensors; got {type(out).__name__}")
@@ -100,3 +130,41 @@ class Evaluator:
                     f"block.{method} returned dtype {out.dtype} for an iterate of dtype {x.dtype}"
                 )
         self._checked = True
+        return tuple(outputs)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
+class CountedBlock:
+    """A block as an initial guess sees it: the same members, network calls counted by a solve.
+
+    Calls of `affine`, `inverse_map` and `affine_range` are recorded by the
+    [`Evaluator`][arflow_solvers._evaluate.Evaluator] (a range call as `stop - start`
+    positions); every other member is the block's own.
+    """
+
+    def __init__(self, evaluator: Evaluator):
+        self._evaluator = evaluator
+
+    def __getattr__(self, name: str) -> Any:
+        member = getattr(self._evaluator.block, name)
+        if name not in _NETWORK_CALLS or not callable(member):
+            return member
+        positions = _NETWORK_CALLS[name]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._evaluator.count(*positions(self._evaluator, *args))
+            return member(*args, **kwargs)
+
+        return counted
+
+
+_NETWORK_CALLS = {
+    "affine": lambda ev, x, *rest: (x.shape[0], ev.seq_len),
+    "inverse_map": lambda ev, x, *rest: (x.shape[0], ev.seq_len),
+    "affine_range": lambda ev, cache, x, start, stop, *rest: (x.shape[0], stop - start),
+}

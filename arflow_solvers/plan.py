@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from typing import Any, Union
 import torch
 
 from . import init as inits
+from .divergence import POLICIES
 from .solvers import GSJacobi, Jacobi, Serial, Solver
 
 __all__ = ["Plan", "as_plan"]
@@ -37,12 +39,11 @@ def _cap_text(cap: int | None) -> str:
 
 # The notation writes caps, segments, the tolerance and the initial guess; any other option
 # must have its default value, or the plan prints as Python.
-_PLAIN = Jacobi()
+_WRITTEN = ("segments", "max_iters", "tol", "init")
 
 
-def _unwritten(solver: Solver) -> tuple:
-    return (solver.atol, solver.patience, solver.update_dtype, solver.drop_converged,
-            solver.on_divergence)
+def _unwritten(solver: Solver) -> dict[str, Any]:
+    return {name: value for name, value in solver.options().items() if name not in _WRITTEN}
 
 
 def _shared_or_each(entries: list[str]) -> str:
@@ -189,9 +190,9 @@ class Plan:
 
     def _notation(self) -> str | None:
         default = self.default
-        if type(default) is not Jacobi or _unwritten(default) != _unwritten(_PLAIN):
+        if type(default) is not Jacobi or _unwritten(default):
             return None
-        suffix = "" if default.tol == _PLAIN.tol else f"@{default.tol:g}"
+        suffix = "" if "tol" not in default.options() else f"@{default.tol:g}"
         if default.init is inits.zeros_first_exact:
             suffix += ":z0"
         elif default.init is not inits.noise:
@@ -200,8 +201,7 @@ class Plan:
         for index, solver in self.overrides.items():
             if type(solver) is not GSJacobi or not isinstance(solver.segments, int):
                 return None
-            if (solver.tol, solver.init, _unwritten(solver)) != (default.tol, default.init,
-                                                                 _unwritten(default)):
+            if (solver.tol, solver.init) != (default.tol, default.init) or _unwritten(solver):
                 return None
             tough.append((index, solver.segments, solver.max_iters))
         rest = _cap_text(default.max_iters)
@@ -228,63 +228,102 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        """Inverse of [`to_dict`][arflow_solvers.Plan.to_dict]."""
+        """Inverse of [`to_dict`][arflow_solvers.Plan.to_dict]; unknown keys are refused."""
+        if not isinstance(data, Mapping) or "default" not in data:
+            raise ValueError(f"not a plan description (no 'default' solver): {data!r:.200}")
+        extra = set(data) - {"default", "overrides"}
+        if extra:
+            raise ValueError(f"unknown keys {sorted(extra)} in a plan description; "
+                             "expected 'default' and 'overrides'")
+        overrides = data.get("overrides", {})
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"plan 'overrides' must map block indices to solvers; got {overrides!r:.200}")
         try:
-            default = _solver_from_dict(data["default"])
-            overrides = {int(i): _solver_from_dict(s) for i, s in data.get("overrides", {}).items()}
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"not a plan description: {error}") from error
-        return cls(default, overrides)
+            solvers = {int(i): _solver_from_dict(s) for i, s in overrides.items()}
+        except ValueError as error:
+            raise ValueError(f"plan overrides: {error}") from error
+        return cls(_solver_from_dict(data["default"]), solvers)
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as JSON."""
+        """Write the plan as JSON (every option of every solver)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        """Read a plan written by [`save`][arflow_solvers.Plan.save]."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a plan written by [`save`][arflow_solvers.Plan.save]; errors name the file."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read a plan from {path}: {error}") from error
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path} is not a valid plan: {error}") from error
 
 
 _SOLVERS = {"Serial": Serial, "Jacobi": Jacobi, "GSJacobi": GSJacobi}
 _INITS = {"noise": inits.noise, "zeros": inits.zeros, "zeros_first_exact": inits.zeros_first_exact}
 
 
+def _encode(name: str, value: Any) -> Any:
+    """One solver option as JSON."""
+    if name == "init":
+        init_name = getattr(value, "__name__", None)
+        if _INITS.get(init_name) is not value:
+            raise ValueError(f"cannot save a plan whose init {value!r} is not one of {sorted(_INITS)}")
+        return init_name
+    if name == "on_divergence" and not isinstance(value, str):
+        policy_name = getattr(value, "name", None)
+        if POLICIES.get(policy_name) != value:
+            raise ValueError(f"cannot save a plan whose on_divergence {value!r} is not one of {sorted(POLICIES)}")
+        return policy_name
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _decode(name: str, value: Any) -> Any:
+    """Inverse of `_encode`."""
+    if name == "init":
+        if value not in _INITS:
+            raise ValueError(f"unknown init {value!r}; expected one of {sorted(_INITS)}")
+        return _INITS[value]
+    if name == "update_dtype" and value is not None:
+        return _dtype(value)
+    if name == "segments" and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def _solver_to_dict(solver: Solver) -> dict[str, Any]:
     data: dict[str, Any] = {"type": type(solver).__name__}
-    if isinstance(solver, Serial):
-        return data
-    init_name = getattr(solver.init, "__name__", None)
-    if _INITS.get(init_name) is not solver.init:
-        raise ValueError(f"cannot save a plan whose init {solver.init!r} is not a named init")
-    data.update(tol=solver.tol, atol=solver.atol, max_iters=solver.max_iters, init=init_name,
-                patience=solver.patience, drop_converged=solver.drop_converged,
-                on_divergence=solver.on_divergence,
-                update_dtype=None if solver.update_dtype is None else str(solver.update_dtype))
-    if isinstance(solver, GSJacobi):
-        data["segments"] = solver.segments if isinstance(solver.segments, int) else list(solver.segments)
+    for f in dataclasses.fields(solver):
+        data[f.name] = _encode(f.name, getattr(solver, f.name))
     return data
 
 
-def _solver_from_dict(data: Mapping[str, Any]) -> Solver:
+def _solver_from_dict(data: Any) -> Solver:
+    if not isinstance(data, Mapping) or "type" not in data:
+        raise ValueError(f"a solver description must be an object with a 'type'; got {data!r:.200}")
     kind = _SOLVERS.get(data["type"])
     if kind is None:
         raise ValueError(f"unknown solver type {data['type']!r}; expected one of {sorted(_SOLVERS)}")
-    if kind is Serial:
-        return Serial()
-    options = {k: data[k] for k in ("tol", "atol", "max_iters", "patience", "drop_converged",
-                                    "on_divergence") if k in data}
-    options["init"] = _INITS[data.get("init", "noise")]
-    if data.get("update_dtype"):
-        options["update_dtype"] = _dtype(data["update_dtype"])
-    if kind is GSJacobi:
-        return GSJacobi(data["segments"], **options)
-    return Jacobi(**options)
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(data) - known - {"type"}
+    if unknown:
+        raise ValueError(f"unknown {data['type']} options {sorted(unknown)}; expected some of {sorted(known)}")
+    options = {name: _decode(name, value) for name, value in data.items() if name != "type"}
+    try:
+        return kind(**options)
+    except TypeError as error:
+        raise ValueError(f"invalid {data['type']} options: {error}") from error
 
 
 def _dtype(name: str) -> torch.dtype:
     """`"torch.float32"` (or `"float32"`) as the dtype."""
-    dtype = getattr(torch, name.rpartition(".")[2], None)
+    dtype = getattr(torch, str(name).rpartition(".")[2], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown update_dtype {name!r} in the plan")
     return dtype

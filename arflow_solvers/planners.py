@@ -17,6 +17,7 @@ from torch import Tensor
 from ._progress import progress
 
 from . import init as inits
+from ._fingerprint import fingerprint
 from .flow import Flow, is_ar_block
 from .metrics import BlockMetrics, BlockTrace, Norm, flow_metrics, max_abs_error, trace
 from .plan import Plan
@@ -157,8 +158,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self.plan.to_dict(),
             "plan": str(self.plan),
+            "plan_spec": self.plan.to_dict(),
             "expected_speedup": self.expected_speedup,
             "end_to_end_error": self.end_to_end_error,
             "rounds": self.rounds,
@@ -190,8 +191,9 @@ class CalibratedPlanner:
     calibration batch; on other noise it is an estimate, so calibrate on a batch as varied
     as the samples you will draw. With `cost` given the result is
     deterministic given the seed; with measured costs it can differ between runs whose
-    timings differ. `plan(..., cache=path)` writes the result as a JSON file that
-    [`Plan.load`][arflow_solvers.Plan.load] reads, and reuses it when it exists.
+    timings differ. `plan(..., cache=path)` writes the plan and its calibration as JSON and
+    reuses the plan only for the same planner settings, flow weights and calibration batch
+    (a SHA-256 fingerprint of each); otherwise it calibrates again and overwrites the file.
 
     Arguments:
         tol: tolerance of the candidate solvers.
@@ -216,12 +218,23 @@ class CalibratedPlanner:
     def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None,
              show_progress: bool = False) -> Plan:
         """Calibrate on `z` and return the plan (read from `cache` when it exists)."""
-        if cache is not None and Path(cache).exists():
-            return Plan.load(cache)
+        if cache is None:
+            return self.calibrate(flow, z, cond, show_progress).plan
+        key = self._cache_key(flow, z, cond)
+        cached = _read_cache(Path(cache))
+        if cached is not None and cached.get("calibrated_for") == key:
+            return Plan.from_dict(cached["plan_spec"])
         calibration = self.calibrate(flow, z, cond, show_progress)
-        if cache is not None:
-            Path(cache).write_text(json.dumps(calibration.to_dict(), indent=2))
+        Path(cache).write_text(json.dumps({"calibrated_for": key, "plan_spec": calibration.plan.to_dict(),
+                                           "calibration": calibration.to_dict()}, indent=2))
         return calibration.plan
+
+    def _cache_key(self, flow: Flow | Any, z: Tensor, cond: Any) -> dict[str, Any]:
+        """What a cached plan was calibrated for: this planner, the flow's weights, the batch."""
+        settings = {name: getattr(value, "__name__", None) or repr(value)
+                    for name, value in vars(self).items()}
+        steps = list(flow) if isinstance(flow, Flow) else [flow]
+        return {"planner": settings, "flow": fingerprint(steps), "batch": fingerprint(z, cond)}
 
     def calibrate(self, flow: Flow | Any, z: Tensor, cond: Any = None,
                   show_progress: bool = False) -> Calibration:
@@ -253,6 +266,15 @@ class CalibratedPlanner:
         plan_total = sum(c[i].expected_seconds for c, i in zip(all_candidates, chosen))
         return Calibration(plan, all_candidates, chosen, costs,
                            serial_total / max(plan_total, 1e-12), error, rounds)
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A cache file's contents, or `None` when it is missing or not a planner cache."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "plan_spec" in data else None
 
 
 def _tighter(tol: float, factor: int) -> float:

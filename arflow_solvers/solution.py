@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Status", "BlockStats", "Solution", "SolveError", "merge_block_stats"]
+__all__ = ["Status", "BlockStats", "Solution", "SolveError", "finite_samples", "merge_block_stats"]
 
 
 class Status(enum.IntEnum):
@@ -23,10 +23,17 @@ class Status(enum.IntEnum):
     MAX_ITERS = 1
     FELL_BACK = 2
     NONFINITE = 3
+    GAVE_UP = 4
 
     @property
     def message(self) -> str:
+        """What happened and what to try next."""
         return _MESSAGES[self]
+
+    @property
+    def usable(self) -> bool:
+        """Whether the samples are finite (`NONFINITE` and `GAVE_UP` are not)."""
+        return self < Status.NONFINITE
 
 
 _MESSAGES = {
@@ -43,18 +50,45 @@ _MESSAGES = {
     Status.NONFINITE: (
         "The result has non-finite values: a block overflows on this noise even when solved "
         "serially (its exact prefix is non-finite), or received non-finite input from an "
-        "earlier block, or the sample diverged under a solver with on_divergence='give_up'. "
-        "Otherwise no solver can repair it; check the model, its dtype, or the noise."
+        "earlier block. No solver can repair it; check the model, its dtype, or the noise."
+    ),
+    Status.GAVE_UP: (
+        "Some samples diverged and the solver gave up on them on purpose "
+        "(on_divergence='give_up'): their values after the exact prefix are NaN. "
+        "on_divergence='fall_back' re-solves them instead, down to serial."
     ),
 }
 
 
-class SolveError(RuntimeError):
-    """Raised by `solve(..., throw=True)` when the result is not usable."""
+def finite_samples(x: Tensor) -> Tensor:
+    """`(B,)` bool: whether every value of each sample (leading dimension) is finite."""
+    finite = torch.isfinite(x)
+    return finite.flatten(1).all(1) if x.dim() > 1 else finite
 
-    def __init__(self, status: Status):
-        super().__init__(status.message)
+
+class SolveError(RuntimeError):
+    """Raised by `solve(..., throw=True)` when some samples are not usable.
+
+    Attributes:
+        status: the worst outcome.
+        solution: the whole [`Solution`][arflow_solvers.Solution]: the good samples and the
+            per-sample status of every block, so no work is lost.
+        failed: `(n,)` indices of the samples that are not usable.
+    """
+
+    def __init__(self, status: Status, solution: "Solution | None" = None):
         self.status = status
+        self.solution = solution
+        self.failed = torch.zeros(0, dtype=torch.long)
+        message = status.message
+        if solution is not None:
+            self.failed = torch.nonzero(solution.sample_status >= Status.NONFINITE).flatten()
+            shown = ", ".join(map(str, self.failed[:10].tolist()))
+            more = ", ..." if self.failed.numel() > 10 else ""
+            message = (f"{self.failed.numel()} of {solution.x.shape[0]} samples failed "
+                       f"(indices {shown}{more}): {message} The solution is in `error.solution`; "
+                       "solve(..., throw=False) returns it.")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -135,10 +169,13 @@ class Solution:
 
     @property
     def sample_status(self) -> Tensor:
-        """`(B,)` worst status of each sample over all blocks."""
-        if not self.blocks:
-            return torch.zeros(self.x.shape[0], dtype=torch.long)
-        return torch.stack([b.status for b in self.blocks]).amax(0)
+        """`(B,)` worst status of each sample over all blocks (`NONFINITE` at least where `x` is)."""
+        batch = self.x.shape[0]
+        worst = torch.zeros(batch, dtype=torch.long)
+        for block in self.blocks:
+            worst = torch.maximum(worst, block.status)
+        finite = finite_samples(self.x).cpu()
+        return torch.where(finite, worst, worst.clamp(min=Status.NONFINITE))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary of the solve."""

@@ -11,7 +11,7 @@ from torch import Tensor
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
 from ._evaluate import select_rows
-from .solution import BlockStats, Solution, SolveError, Status, merge_block_stats
+from .solution import BlockStats, Solution, SolveError, Status, finite_samples, merge_block_stats
 
 __all__ = ["solve", "solve_inverse"]
 
@@ -40,8 +40,10 @@ def solve(
         plan: a [`Plan`][arflow_solvers.Plan], one solver for every block, or the paper's
             notation such as `"[6-8-32-10]"`.
         cond: conditioning passed to every block and step (class labels, context).
-        throw: raise [`SolveError`][arflow_solvers.SolveError] if the result is not finite;
-            with `False` the Solution's `status` says so instead.
+        throw: raise [`SolveError`][arflow_solvers.SolveError] (which carries the Solution
+            and names the failed samples) if some samples are not usable; with `False` the
+            Solution's `status` and `sample_status` say so instead, and samples whose noise
+            is non-finite are marked `NONFINITE` while the others are solved.
         max_batch: solve at most this many samples at a time (chunks along the batch), which
             bounds peak memory by `max_batch x T x D` times a small constant; statistics are
             merged as if solved at once. Each chunk is solved independently, so results are
@@ -64,7 +66,7 @@ def solve(
     """
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)
-    _check_noise(z)
+    _check_noise(z, allow_nonfinite=not throw)
     if max_batch is not None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be None or an int >= 1; got {max_batch!r}")
@@ -85,10 +87,11 @@ def solve(
                     x = step(x, cond)
     status = max((b.worst for b in stats), default=Status.CONVERGED)
     if not bool(torch.isfinite(x).all()):
-        status = Status.NONFINITE
-    if throw and status is Status.NONFINITE:
-        raise SolveError(status)
-    return Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began)
+        status = max(status, Status.NONFINITE)
+    solution = Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began)
+    if throw and not status.usable:
+        raise SolveError(status, solution)
+    return solution
 
 
 def solve_inverse(
@@ -122,14 +125,17 @@ def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, m
     parts = []
     for start in range(0, z.shape[0], max_batch):
         rows = torch.arange(start, min(start + max_batch, z.shape[0]), device=z.device)
-        parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=throw))
+        parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=False))
     blocks = tuple(merge_block_stats([p.blocks[i] for p in parts]) for i in range(len(parts[0].blocks)))
-    return Solution(
+    solution = Solution(
         x=torch.cat([p.x for p in parts]),
         status=max(p.status for p in parts),
         blocks=blocks,
         wall_time=time.perf_counter() - began,
     )
+    if throw and not solution.status.usable:
+        raise SolveError(solution.status, solution)
+    return solution
 
 
 def _single(block: Any) -> Flow:
@@ -142,15 +148,25 @@ def _single(block: Any) -> Flow:
     return Flow([block])
 
 
-def _check_noise(z: Tensor) -> None:
+def _check_noise(z: Tensor, allow_nonfinite: bool) -> None:
     if not isinstance(z, Tensor):
         raise TypeError(f"z must be a torch.Tensor; got {type(z).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point tensor; got dtype {z.dtype}")
     if z.dim() == 0:
         raise ValueError("z must have a batch dimension; got a scalar")
-    if not bool(torch.isfinite(z).all()):
-        raise ValueError("z contains non-finite values (nan or inf)")
+    if z.is_meta:
+        raise ValueError("z is on the 'meta' device, which holds no values; create it on a real device")
+    if allow_nonfinite:
+        return
+    bad = ~finite_samples(z)
+    if bool(bad.any()):
+        indices = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(
+            f"z contains non-finite values (nan or inf) in samples {indices[:10]}"
+            f"{' ...' if len(indices) > 10 else ''}; with throw=False those samples are marked "
+            "NONFINITE and the others solved"
+        )
 
 
 def _check_block_input(block: Any, x: Tensor, index: int) -> None:

@@ -1,5 +1,6 @@
 """IGM / CRM match hand computation; planners return valid plans that meet their tolerance."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -153,7 +154,28 @@ def test_calibrated_plan_meets_its_tolerance_and_is_cached(tmp_path):
     assert (x - solve(flow, z, Serial()).x).abs().max() <= 1e-5
     path = tmp_path / "plan.json"
     plan = planner.plan(flow, z, cache=path)
-    assert Plan.load(path) == plan == calibration.plan
+    assert plan == calibration.plan
+    assert Plan.from_dict(json.loads(path.read_text())["plan_spec"]) == plan
+
+
+def test_a_cached_plan_is_reused_only_for_what_it_was_calibrated_for(tmp_path, monkeypatch):
+    flow = Flow([CausalMLP(12, 2, seed=0, weight_scale=0.5)])
+    z = torch.randn(4, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "plan.json"
+    CalibratedPlanner(max_error=1e-5, cost=(1.0, 1.0)).plan(flow, z, cache=path)
+    calls = []
+    original = CalibratedPlanner.calibrate
+    monkeypatch.setattr(CalibratedPlanner, "calibrate",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    CalibratedPlanner(max_error=1e-5, cost=(1.0, 1.0)).plan(flow, z, cache=path)
+    assert calls == []  # same planner, flow and batch: the cache is used
+    CalibratedPlanner(max_error=1e-3, cost=(1.0, 1.0)).plan(flow, z, cache=path)
+    assert calls == [1]  # another max_error
+    flow.blocks[0].w1.mul_(0.5)
+    CalibratedPlanner(max_error=1e-3, cost=(1.0, 1.0)).plan(flow, z, cache=path)
+    assert calls == [1, 1]  # other weights
+    CalibratedPlanner(max_error=1e-3, cost=(1.0, 1.0)).plan(flow, z + 1, cache=path)
+    assert calls == [1, 1, 1]  # another calibration batch
 
 
 def test_calibrated_plan_meets_its_tolerance_end_to_end_when_later_steps_amplify_errors():

@@ -120,7 +120,8 @@ def test_give_up_stops_only_the_overflowing_sample_and_keeps_its_exact_prefix():
     serial = serial_reference(block, z)
     assert fell_back.status is Status.FELL_BACK
     assert torch.allclose(fell_back.x, serial, rtol=1e-12, atol=0)
-    assert given_up.blocks[0].status.tolist() == [Status.NONFINITE, Status.CONVERGED, Status.CONVERGED]
+    assert given_up.blocks[0].status.tolist() == [Status.GAVE_UP, Status.CONVERGED, Status.CONVERGED]
+    assert given_up.status is Status.GAVE_UP and not given_up.status.usable
     assert torch.allclose(given_up.x[1:], serial[1:], rtol=1e-12, atol=0)
     exact = int(given_up.blocks[0].iterations[0, 0])  # rows below the iteration count are exact
     assert torch.equal(given_up.x[0, :exact], serial[0, :exact])
