@@ -46,7 +46,11 @@ class MaskedLinear(nn.Linear):
         relation = torch.gt if strict else torch.ge
         mask = relation(out_degrees[:, None], in_degrees[None, :]).to(self.weight.dtype)
         self.register_buffer("mask", mask)
-        self.register_buffer("degrees", out_degrees.clone())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # older state dicts also hold the output degrees as `degrees`: ignored, the mask encodes them
+        state_dict.pop(prefix + "degrees", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def masked_weight(self) -> Tensor:
         """The effective weight, `weight * mask`."""

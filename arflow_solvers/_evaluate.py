@@ -33,7 +33,9 @@ def affine_update(z: Tensor, mu: Tensor, log_sigma: Tensor, dtype: torch.dtype |
 class Evaluator:
     """The one gateway of a solve to its block: evaluates update rows and counts every call.
 
-    Rows `[start, stop)` of the inverse update are computed from the block's KV cache
+    A block with a `snapshot()` method is asked for it once, here (see
+    [`AffineARBlock`][arflow_solvers.AffineARBlock]), and the solve calls the snapshot. Rows
+    `[start, stop)` of the inverse update are computed from the block's KV cache
     (`affine_range` / `commit`) when it has one, from its own `inverse_map` when it has one,
     and from a full `affine` pass otherwise. Initial guesses see the block through
     [`view`][arflow_solvers._evaluate.Evaluator.view], so their network calls are counted
@@ -41,7 +43,8 @@ class Evaluator:
     """
 
     def __init__(self, block: Any, z: Tensor, cond: Any, update_dtype: torch.dtype | None):
-        self.block = block
+        snapshot = getattr(block, "snapshot", None)
+        self.block = snapshot() if callable(snapshot) else block
         self._z = z
         self.cond = cond
         self.update_dtype = update_dtype

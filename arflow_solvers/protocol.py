@@ -22,7 +22,10 @@ class AffineARBlock(Protocol):
 
     $$x_t = \exp(\log\sigma_t(x_{<t}))\, z_t + \mu_t(x_{<t}).$$
 
-    Any object with these two members qualifies; no base class is needed.
+    Any object with these two members qualifies; no base class is needed. Any block may
+    also define `snapshot() -> block`: every solve calls it once, at its start, and then
+    calls only the object it returned. Use it to read weights once per solve (derived
+    products, packed copies) without caching them across solves, where they could go stale.
 
     Attributes:
         seq_len: `T`, the number of positions (tokens for TarFlow, dimensions for MAF).

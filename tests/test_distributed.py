@@ -1,6 +1,7 @@
 """Sharded sampling: independent of the world size, resumable, nothing lost or duplicated."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ from toys import CausalMLP
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = CausalMLP(6, 2, seed=9, dtype=torch.float32)
 SPEC = ShardSpec(num_samples=10, shard_size=3, seed=4)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: bind port 0 on 127.0.0.1, read it, release it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sampler(z, cond):
@@ -71,15 +79,19 @@ def test_two_gloo_ranks_give_bit_identical_samples_to_one_process(tmp_path):
 
 def test_torchrun_job_killed_mid_run_completes_on_restart(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29517", str(ROOT / "examples" / "sample_many.py"),
-               "--num-samples", "40", "--shard-size", "5", "--features", "8", "--out", str(out)]
+
+    def command():  # a fresh free port per launch: the killed job's port may linger
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                str(ROOT / "examples" / "sample_many.py"),
+                "--num-samples", "40", "--shard-size", "5", "--features", "8", "--out", str(out)]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(command + ["--stop-after", "1"], env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(command() + ["--stop-after", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0
     written = sorted(p.name for p in out.glob("shard_*.pt"))
     assert 0 < len(written) < 8
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command(), env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     merged = torch.load(out / "samples.pt")
     assert merged["indices"].tolist() == list(range(40))

@@ -1,12 +1,24 @@
 """The exactness guarantee: every solver at its bound gives the serial answer (float64)."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from arflow_solvers import GSJacobi, Jacobi, Serial, init, solve, solve_inverse
+from arflow_solvers import Flow, GSJacobi, Jacobi, Permute, Serial, init, solve, solve_inverse
 from toys import CachedMLP, CausalLinear, CausalMLP, serial_reference
 
 EXACT = 1e-10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny blocks: one intra-op thread is several times faster, and immune to a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 sizes = st.fixed_dictionaries({
     "seq_len": st.integers(1, 12),
     "dim": st.integers(1, 3),
@@ -122,3 +134,45 @@ def test_max_iters_none_never_costs_more_passes_than_serial():
         assert solve(block, z, solver).passes <= 9
     # Z0 spends one counted call on row 0, then T - 1 iterations: exactly serial's T calls.
     assert solve(block, z, Jacobi(tol=0.0, init=init.zeros_first_exact)).blocks[0].passes == 9
+
+
+BOUND_SOLVERS = st.sampled_from([
+    Serial(),
+    Jacobi(tol=0.0),
+    Jacobi(tol=0.0, init=init.zeros_first_exact),
+    GSJacobi(2, tol=0.0),
+    GSJacobi(3, tol=0.0, init=init.zeros),
+])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.fixed_dictionaries({"seq_len": st.integers(1, 10), "dim": st.integers(1, 3),
+                              "batch": st.integers(1, 7), "seed": st.integers(0, 2**16)}),
+       st.integers(1, 8), BOUND_SOLVERS, st.sampled_from(["mlp", "linear", "cached", "flow"]))
+def test_chunking_by_max_batch_changes_neither_the_samples_nor_the_shape_of_the_statistics(
+        size, max_batch, solver, kind):
+    seq_len, dim, batch, seed = size["seq_len"], size["dim"], size["batch"], size["seed"]
+    inner, z = problem(seq_len, dim, batch, seed, kind="linear" if kind == "linear" else "mlp")
+    cond = None
+    if kind == "cached":
+        inner = CachedMLP(inner)
+    elif kind == "flow":  # two blocks, a permutation between them, per-sample conditioning
+        inner = Flow([inner, Permute(list(range(seq_len))[::-1]), CausalMLP(seq_len, dim, seed=seed + 7)])
+        cond = torch.linspace(-1.0, 1.0, batch, dtype=torch.float64)
+    whole = solve(inner, z, solver, cond=cond)
+    chunked = solve(inner, z, solver, cond=cond, max_batch=max_batch)
+    assert chunked.x.shape == whole.x.shape
+    assert torch.allclose(chunked.x, whole.x, rtol=0.0, atol=1e-12), max_error(chunked.x, whole.x)
+    if kind != "flow":
+        assert max_error(chunked.x, serial_reference(inner, z)) <= EXACT
+    assert chunked.status == whole.status
+    assert len(chunked.blocks) == len(whole.blocks) == (2 if kind == "flow" else 1)
+    for merged, single in zip(chunked.blocks, whole.blocks):
+        assert merged.index == single.index and merged.bounds == single.bounds
+        assert merged.iterations.shape == single.iterations.shape == (batch, len(single.bounds))
+        assert merged.status.shape == (batch,)
+        assert len(merged.residuals) == len(single.residuals)
+        assert all(r.shape[1] == batch for r in merged.residuals)
+        if isinstance(solver, Serial):
+            assert bool((merged.iterations == 1).all())
+    assert chunked.sample_status.shape == (batch,)

@@ -256,3 +256,62 @@ def test_load_for_planning_rebuilds_an_example_checkpoint(tmp_path):
     assert torch.equal(x, maf._transform.inverse(z.squeeze(-1))[0].detach())
     assert main(["plan", str(path), "--model", "nflows", "--batch", "4", "--planner", "calibrated",
                  "--max-error", "1e-4"]) == 0
+
+
+@pytest.mark.parametrize("bitwise", [True, False])
+def test_weights_updated_through_p_data_are_always_seen(bitwise):
+    # The EMA pattern: `p.data` updates bump no version counter, so no cache may trust one.
+    flow, ema = _maf(2), _maf(2, seed=1)
+    wrapped = wrap(ema, bitwise=bitwise)
+    z = torch.randn(6, D, 1)
+    before = solve_inverse(wrapped, z, Jacobi(tol=0.0))
+    for p, q in zip(ema.parameters(), flow.parameters()):
+        p.data.mul_(0.5).add_(0.5 * q.data)
+    after = solve_inverse(wrapped, z, Jacobi(tol=0.0))
+    expected = _inverse(ema, z.squeeze(-1)).unsqueeze(-1)
+    assert not torch.allclose(before, after)
+    if bitwise:
+        assert torch.equal(after, expected)
+    else:
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_never_modifies_the_model_so_threads_can_share_it():
+    import threading
+
+    flow = _maf(3)
+    z = torch.randn(32, D)
+    expected = _inverse(flow, z)
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    results, errors = {}, []
+
+    def worker(name):
+        try:
+            for _ in range(5):
+                results[name] = solve_inverse(wrap(flow), z.unsqueeze(-1), Jacobi(tol=0.0)).squeeze(-1)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(torch.equal(x, expected) for x in results.values())
+    assert all(torch.equal(v, state[k]) for k, v in flow.state_dict().items())
+    assert not any("forward" in vars(m) for m in flow.modules())
+
+
+def test_a_model_in_training_mode_with_dropout_or_batch_norm_is_refused_by_name():
+    z = torch.randn(4, D, 1)
+    dropout = NFlow(MaskedAffineAutoregressiveTransform(D, 8, dropout_probability=0.2), StandardNormal([D]))
+    with pytest.raises(ValueError, match="dropout in training mode.*eval"):
+        solve(wrap(dropout.train()), z, Jacobi())
+    solve(wrap(dropout.eval()), z, Jacobi())
+    batch_norm = NFlow(MaskedAffineAutoregressiveTransform(D, 8, use_batch_norm=True), StandardNormal([D]))
+    running = batch_norm._transform.autoregressive_net.blocks[0].batch_norm_layers[0].running_mean.clone()
+    with pytest.raises(ValueError, match="batch norm in training mode"):
+        solve(wrap(batch_norm.train()), z, Jacobi())
+    assert torch.equal(running, batch_norm._transform.autoregressive_net.blocks[0]
+                       .batch_norm_layers[0].running_mean)

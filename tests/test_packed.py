@@ -17,7 +17,7 @@ from nflows.transforms import (  # noqa: E402
     RandomPermutation,
 )
 
-from arflow_solvers.adapters._packed import PackedLinear, degree_order  # noqa: E402
+from arflow_solvers.adapters._masked import PackedLinear, degree_order  # noqa: E402
 from arflow_solvers.adapters.nflows import NflowsAffineBlock, sample, wrap  # noqa: E402
 from arflow_solvers import Jacobi, solve_inverse  # noqa: E402
 

@@ -120,3 +120,39 @@ def test_a_plan_can_be_one_solver_or_a_string():
     assert as_plan("[10]") == Plan(Jacobi(max_iters=10))
     with pytest.raises(TypeError, match="plan must be"):
         as_plan(10)
+
+
+def test_every_solver_option_survives_save_and_load(tmp_path):
+    import dataclasses
+
+    plan = Plan(Serial(update_dtype=torch.float32),
+                {1: GSJacobi((2, 3), tol=1e-3, atol=1e-6, norm="rms", max_iters=4, init=inits.zeros,
+                             patience=2, update_dtype=torch.float64, drop_converged=False,
+                             on_divergence="give_up")})
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded == plan
+    for solver in (Serial(), Jacobi(), GSJacobi(2)):  # every field is written: none can be dropped
+        written = Plan(solver).to_dict()["default"]
+        assert set(written) == {"type"} | {f.name for f in dataclasses.fields(solver)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"default": {"type": "Jacobi", "tol": 1e-3, "max_iter": 5}}', r"unknown Jacobi options \['max_iter'\]"),
+    ('{"default": {"type": "Jacobi"}, "overide": {}}', r"unknown keys \['overide'\]"),
+    ('{"default": {"type": "Newton"}}', "unknown solver type 'Newton'"),
+    ('{"default": {"type": "Jacobi", "tol": "fast"}}', "tol must be a finite number"),
+    ('{"default": {"type": "Jaco', "cannot read a plan"),
+])
+def test_a_plan_file_that_is_not_right_is_refused_naming_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as caught:
+        Plan.load(path)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["[10]@1e400", "[10]@inf"])
+def test_notation_with_an_impossible_tolerance_is_refused(text):
+    with pytest.raises(ValueError):
+        Plan.parse(text)

@@ -236,3 +236,92 @@ def test_solvers_build_no_autograd_graph_even_when_called_directly():
     for solver in (Serial(), Jacobi(), GSJacobi(3)):
         x, _ = solver.solve(Block(), z)
         assert not x.requires_grad
+
+
+def test_a_failed_sample_raises_with_the_whole_solution_and_names_its_index():
+    block = Explosive()
+    z = torch.full((4, 12, 1), 0.01, dtype=torch.float64)
+    z[2, 0, 0] = 100.0  # log_sigma_1 = 1e4: this sample's serial answer overflows
+    with pytest.raises(SolveError, match=r"1 of 4 samples failed \(indices 2\)") as caught:
+        solve(block, z, Jacobi(tol=0.0))
+    error = caught.value
+    assert error.failed.tolist() == [2]
+    good = [0, 1, 3]
+    assert torch.isfinite(error.solution.x[good]).all()
+    torch.testing.assert_close(error.solution.x[good], serial_reference(block, z[good]), rtol=1e-12, atol=0)
+
+
+def test_without_throw_a_sample_with_nan_noise_is_marked_and_the_others_solved():
+    block = CausalMLP(6, 2)
+    z = z_for(block, batch=3, dim=2)
+    z[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"samples \[1\]"):
+        solve(block, z, Jacobi())
+    sol = solve(block, z, Jacobi(tol=0.0), throw=False)
+    assert sol.sample_status.tolist() == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    torch.testing.assert_close(sol.x[[0, 2]], serial_reference(block, z[[0, 2]]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("result, message", [
+    (None, "pair.*NoneType"),
+    ((torch.zeros(1, 4, 1, dtype=torch.float64),), "pair.*tuple of length 1"),
+])
+def test_a_block_returning_something_else_than_a_pair_gets_a_clear_error(result, message):
+    class Broken:
+        seq_len = 4
+
+        def affine(self, x, cond=None):
+            return result
+
+    with pytest.raises(TypeError, match=message):
+        solve(Broken(), torch.zeros(1, 4, 1, dtype=torch.float64), Jacobi())
+
+
+def test_noise_on_the_meta_device_is_refused():
+    with pytest.raises(ValueError, match="meta"):
+        solve(CausalMLP(3, 1), torch.zeros(1, 3, 1, device="meta"), Jacobi())
+
+
+@pytest.mark.parametrize("options, name", [
+    (dict(tol=float("inf")), "tol"), (dict(tol=float("nan")), "tol"), (dict(atol=-1.0), "atol"),
+    (dict(update_dtype=torch.int32), "update_dtype"), (dict(norm="l3"), "norm"),
+    (dict(max_iters=True), "max_iters"), (dict(drop_converged="yes"), "drop_converged"),
+])
+def test_options_that_cannot_work_are_refused_by_name(options, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        Jacobi(**options)
+
+
+def test_a_new_divergence_policy_is_a_small_object():
+    from arflow_solvers import DivergencePolicy
+
+    class Zero:  # keep the exact prefix and put zeros after it
+        def handle(self, x, samples, exact, stop, resolve):
+            x[samples, exact:stop] = 0.0
+            spent = torch.zeros(samples.numel(), dtype=torch.long)
+            return spent, torch.full_like(spent, Status.FELL_BACK)
+
+    assert isinstance(Zero(), DivergencePolicy)
+    block = Explosive()
+    z = torch.full((2, 12, 1), 0.01, dtype=torch.float64)
+
+    def huge_guess_for_sample_0(block, z, cond):
+        x0 = z.clone()
+        x0[0] = 30.0
+        return x0
+
+    sol = solve(block, z, Jacobi(tol=1e-12, init=huge_guess_for_sample_0, on_divergence=Zero()), throw=False)
+    assert sol.blocks[0].status.tolist() == [Status.FELL_BACK, Status.CONVERGED]
+    exact = int(sol.blocks[0].iterations[0, 0])
+    assert (sol.x[0, exact:] == 0).all()
+
+
+def test_the_rms_norm_stops_by_the_root_mean_square():
+    block = CausalMLP(10, 2)
+    z = z_for(block, dim=2)
+    serial = serial_reference(block, z)
+    for norm in ("max", "rms"):
+        sol = solve(block, z, Jacobi(tol=1e-4, norm=norm))
+        assert sol.status is Status.CONVERGED
+        assert (sol.x - serial).abs().max() < 1e-2
+    assert repr(Jacobi(norm="rms")) == "Jacobi(norm='rms')"

@@ -451,6 +451,18 @@ def test_bad_arguments_are_named():
         TarFlow(1, 10, 4, 32, 2, 1)
     with pytest.raises(TypeError, match="model must be a TarFlow"):
         as_flow(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="noise_std"):  # checked before the solve
+        sample(m, torch.zeros(2, T, D, dtype=torch.float64), noise_std=-1.0)
+
+
+def test_package_keeps_its_public_names():
+    import arflow_solvers.adapters.tarflow as tarflow
+    from arflow_solvers.adapters.tarflow import Guidance, TarFlowCache  # noqa: F401  importable as before
+
+    assert sorted(tarflow.__all__) == sorted([
+        "TarFlow", "TarFlowBlock", "TarFlowARBlock", "Attention", "MLP", "AttentionBlock", "as_flow",
+        "load_for_planning", "sample", "denoise", "patchify", "unpatchify"])
+    assert all(callable(getattr(tarflow, name)) for name in tarflow.__all__)
 
 
 # ------------------------------------------------------------------ loading for the planner

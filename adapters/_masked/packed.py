@@ -40,7 +40,7 @@ class _Group:
 class PackedLinear:
     """`weight * mask @ h + bias` on feature-major `h`, reading only the unmasked prefix per row group.
 
-    Build it with [`pack`][arflow_solvers.adapters._packed.PackedLinear.pack]; inputs and outputs are in
+    Build it with [`pack`][arflow_solvers.adapters._masked.packed.PackedLinear.pack]; inputs and outputs are in
     the degree-sorted orders given there.
     """
 
