@@ -22,7 +22,7 @@ def hidden_degrees(width: int, features: int) -> Tensor:
     A hidden unit of degree `d` may read inputs `1..d` (1-based), so no hidden unit sees the
     last input and every output `t` reads only inputs `< t`.
 
-    Example:
+    Examples:
         >>> hidden_degrees(5, 3).tolist()
         [1, 2, 1, 2, 1]
     """
@@ -126,7 +126,7 @@ class MADE(nn.Module):
             hidden layer; `None` for an unconditional block.
         activation: the nonlinearity module (default `nn.ReLU()`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import AffineARBlock
         >>> made = MADE(4, hidden_features=[16, 16])
@@ -306,7 +306,7 @@ class MAF(nn.Module):
         context_features: conditioning size (`None`: unconditional).
         orders: one order per layer; `None` alternates natural and reversed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import Jacobi, solve_inverse
         >>> _ = torch.manual_seed(0)

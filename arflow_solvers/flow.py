@@ -36,7 +36,7 @@ class Flow:
     Arguments:
         steps: the steps in sampling order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import Flow, Permute
         >>> class Shift:

@@ -29,7 +29,7 @@ def exact_prefix(init: Init) -> int:
 def noise(block: Any, z: Tensor, cond: Any = None) -> Tensor:
     """`X0 = Z`: start from the noise itself (the paper's default initial guess).
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.ones(1, 3, 2)
         >>> bool(torch.equal(noise(None, z), z))

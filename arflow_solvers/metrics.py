@@ -61,7 +61,7 @@ def igm(block: Any, z: Tensor, x_star: Tensor, init: inits.Init = inits.noise,
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Shift:
         ...     seq_len = 3
@@ -180,7 +180,7 @@ def max_abs_error(x: Tensor, reference: Tensor) -> float:
     A sample the reference itself overflows on is skipped; a non-finite value of `x` where
     the reference is finite counts as `inf`, never as NaN.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ref = torch.tensor([[0.0, 1.0], [float("nan"), 2.0]])
         >>> max_abs_error(torch.tensor([[0.5, 1.0], [7.0, 7.0]]), ref)

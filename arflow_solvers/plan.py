@@ -76,7 +76,7 @@ class Plan:
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
-    Example:
+    Examples:
         >>> plan = Plan.parse("[0/7-16/8-10/13-6]", num_blocks=8)
         >>> plan.solver_for(7)
         GSJacobi(segments=8, max_iters=13)
@@ -135,7 +135,7 @@ class Plan:
                 `num_blocks`). Its published Img128cond plan `[6-8-32-10]` segments our
                 block 1.
 
-        Example:
+        Examples:
             >>> Plan.parse("[6-8-32-10]", 8, numbering="paper").overrides.keys()
             dict_keys([1])
         """

@@ -35,7 +35,7 @@ def select_tough(crms: Sequence[float], dominance: float = 2.0, max_tough: int |
     does not dominate (or after `max_tough`). The median, not the mean of the rest, is the
     reference so that one easy block's tiny CRM cannot make its neighbour look tough.
 
-    Example:
+    Examples:
         >>> select_tough([1.0, 1.2, 9.0, 0.9, 3.1, 1.1], dominance=2.0)
         [2, 4]
     """

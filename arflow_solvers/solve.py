@@ -52,7 +52,7 @@ def solve(
     Returns:
         A [`Solution`][arflow_solvers.Solution].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import Jacobi, solve
         >>> class Halver:  # x_t = z_t + x_{t-1} / 2
@@ -106,7 +106,7 @@ def solve_inverse(
 
     Raises [`SolveError`][arflow_solvers.SolveError] instead of returning non-finite samples.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import GSJacobi, solve_inverse
         >>> class Halver:

@@ -24,7 +24,7 @@ __all__ = ["Solver", "Serial", "Jacobi", "GSJacobi", "segment_bounds"]
 def segment_bounds(seq_len: int, segments: int | Sequence[int]) -> tuple[tuple[int, int], ...]:
     """`(start, stop)` of each segment; a count `M` gives the first `T mod M` one more position.
 
-    Example:
+    Examples:
         >>> segment_bounds(10, 3)
         ((0, 4), (4, 7), (7, 10))
         >>> segment_bounds(10, [2, 8])
@@ -106,7 +106,7 @@ class Serial(Solver):
         update_dtype: compute `exp(log_sigma) * z + mu` in this dtype (e.g. `torch.float32`
             for a bfloat16 model); `None` keeps the iterate's dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import Serial, solve_inverse
         >>> class Doubler:  # x_t = z_t + 2 x_{t-1}
@@ -283,7 +283,7 @@ class Jacobi(_Iterative):
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
-    Example:
+    Examples:
         >>> Jacobi(max_iters=10)
         Jacobi(max_iters=10)
     """
@@ -317,7 +317,7 @@ class GSJacobi(_Iterative):
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
         https://arxiv.org/abs/2505.12849
 
-    Example:
+    Examples:
         >>> import torch
         >>> from arflow_solvers import GSJacobi, Serial, solve_inverse
         >>> class Doubler:  # x_t = z_t + 2 x_{t-1}

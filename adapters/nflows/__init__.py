@@ -81,7 +81,7 @@ def wrap(flow_or_transform: Any, *, bitwise: bool = True) -> Flow:
             `nflows.transforms.Transform`.
         bitwise: evaluate MAF's blocks exactly as nflows does (default) or packed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from nflows.distributions import StandardNormal
         >>> from nflows.flows import Flow as NFlow

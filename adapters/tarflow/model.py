@@ -25,7 +25,7 @@ def patchify(x: Tensor, patch_size: int) -> Tensor:
         `(B, T, C * patch_size**2)` with `T = (H // p) * (W // p)`; channel-major within a
         patch (the layout of `torch.nn.functional.unfold`).
 
-    Example:
+    Examples:
         >>> patchify(torch.zeros(2, 1, 8, 8), 2).shape
         torch.Size([2, 16, 4])
     """
@@ -47,7 +47,7 @@ def unpatchify(x: Tensor, img_size: int, patch_size: int) -> Tensor:
     Returns:
         `(B, C, img_size, img_size)`.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 1, 8, 8)
         >>> bool(torch.equal(unpatchify(patchify(x, 2), 8, 2), x))
         True
@@ -238,7 +238,7 @@ class TarFlow(nn.Module):
         head_dim: channels per attention head (public default 64).
         expansion: MLP expansion (public default 4).
 
-    Example:
+    Examples:
         >>> model = TarFlow(1, 8, 2, channels=64, num_blocks=2, layers_per_block=1)
         >>> z, outputs, logdets = model(torch.randn(3, 1, 8, 8))
         >>> z.shape, len(outputs), logdets.shape

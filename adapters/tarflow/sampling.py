@@ -68,7 +68,7 @@ def as_flow(
         attn_temp: attention temperature of the unconditional pass.
         annealed_guidance: ramp the guidance weight along each block's sequence.
 
-    Example:
+    Examples:
         >>> model = TarFlow(1, 8, 2, channels=64, num_blocks=2, layers_per_block=1)
         >>> as_flow(model).num_blocks
         2
