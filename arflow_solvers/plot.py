@@ -14,15 +14,13 @@ from .solution import Solution
 __all__ = ["residual_curves", "metric_bars", "speed_error_frontier"]
 
 
-def _pyplot():
+def _figure(**options: Any) -> Any:
+    """A standalone matplotlib `Figure`: no pyplot state, no backend switched, nothing left open."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install 'arflow-solvers[plot]'") from error
-    return plt
+    return Figure(**options)
 
 
 def _save(fig: Any, path: str | Path | None) -> Any:
@@ -37,8 +35,8 @@ def residual_curves(solution: Solution, path: str | Path | None = None) -> Any:
     Segments of a GS-Jacobi block are drawn one after another on the iteration axis.
     Returns the matplotlib figure; saves it (PNG or SVG by the suffix) when `path` is given.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for block in solution.blocks:
         if not block.residuals:
             continue
@@ -53,8 +51,8 @@ def residual_curves(solution: Solution, path: str | Path | None = None) -> Any:
 
 def metric_bars(metrics: Sequence[BlockMetrics], path: str | Path | None = None) -> Any:
     """Per-block IGM (both initial guesses) and CRM as bar charts."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = _figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
     index = [m.index for m in metrics]
     width = 0.4
     left.bar([i - width / 2 for i in index], [m.igm_noise for m in metrics], width, label="X0 = Z")
@@ -72,8 +70,8 @@ def metric_bars(metrics: Sequence[BlockMetrics], path: str | Path | None = None)
 def speed_error_frontier(results: Mapping[str, Mapping[str, float]], path: str | Path | None = None,
                          speed_key: str = "speedup_vs_serial", error_key: str = "max_abs_error") -> Any:
     """Speedup vs error of several plans, one labelled point each (e.g. a benchmark's JSON)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, row in results.items():
         error = max(float(row[error_key]), 1e-16)
         ax.scatter(error, row[speed_key])

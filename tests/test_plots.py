@@ -98,3 +98,15 @@ def test_speed_error_frontier_places_one_labelled_point_per_plan():
     assert [t.xy for t in ax.texts] == [pytest.approx((1e-3, 3.0)), pytest.approx((1e-16, 1.5))]
     assert ax.get_xscale() == "log"
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("max abs error", "speedup vs serial")
+
+
+def test_plotting_leaves_pyplot_and_the_backend_as_they_were(solution, tmp_path):
+    import matplotlib
+
+    backend, open_before = matplotlib.get_backend(), plt.get_fignums()
+    for _ in range(3):
+        residual_curves(solution, tmp_path / "r.png")
+        metric_bars(METRICS)
+        speed_error_frontier(RESULTS)
+    assert matplotlib.get_backend() == backend
+    assert plt.get_fignums() == open_before
