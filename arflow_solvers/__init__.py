@@ -8,6 +8,7 @@ from .plan import Plan
 from .planners import CalibratedPlanner, MetricPlanner
 from .protocol import AffineARBlock, CachedARBlock, CausalMapBlock, HasOutputProjection
 from .solution import BlockStats, Solution, SolveError, Status
+from ._sweep import NotCausalError
 from .solve import solve, solve_inverse
 from .solvers import GSJacobi, Jacobi, Serial, Solver, segment_bounds
 from .stopping import StoppingRule
@@ -26,6 +27,7 @@ __all__ = [
     "HasOutputProjection",
     "Jacobi",
     "MetricPlanner",
+    "NotCausalError",
     "Permute",
     "Plan",
     "Serial",

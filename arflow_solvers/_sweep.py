@@ -13,7 +13,7 @@ from .divergence import DivergencePolicy, Watch
 from .solution import Status
 from .stopping import StoppingRule
 
-__all__ = ["SweepOptions", "Outcome", "sweep"]
+__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,13 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     for _ in range(max_iters):
         if exact >= stop or active.numel() == 0:
             break
-        new = _evaluate(ev, x, samples, active, exact, stop, options.drop_converged)
+        # Full-pass blocks also recompute the last row this sweep made exact, for free: with
+        # the rows before it frozen, it must not move.
+        recheck = exact > start and not ev.cached
+        new = _evaluate(ev, x, samples, active, exact - recheck, stop, options.drop_converged)
+        if recheck:
+            _check_still(ev, x[active, exact - 1], new[:, 0], exact - 1)
+            new = new[:, 1:]
         old = x[:, exact:stop] if active.numel() == batch else x[active, exact:stop]
         distance = options.rule.distance(new, old)
         converged = options.rule.met(distance, new)
@@ -81,6 +87,35 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     if exact < stop and active.numel():
         status[active] = Status.MAX_ITERS
     return Outcome(iterations, _residuals(history, batch, x), status)
+
+
+class NotCausalError(ValueError):
+    """A block's update of a row changed although every row before it was final.
+
+    Attributes:
+        row: the row that moved.
+        moved: by how much (max-abs over the samples and channels that moved).
+    """
+
+    def __init__(self, message: str, row: int, moved: float):
+        super().__init__(message)
+        self.row, self.moved = row, moved
+
+
+def _check_still(ev: Evaluator, before: Tensor, after: Tensor, row: int) -> None:
+    """Raise `NotCausalError` if exact row `row` moved by more than rounding when recomputed."""
+    eps = torch.finfo(before.dtype).eps
+    moved = (after - before).abs().amax(dim=-1)
+    limit = 1e3 * eps * (1 + before.abs().amax(dim=-1))
+    bad = torch.isfinite(moved) & (moved > limit)
+    if bool(bad.any()):
+        raise NotCausalError(
+            f"{type(ev.block).__name__} is not causal: row {row} of its update changed by "
+            f"{float(moved[bad].max()):.3g} after rows 0..{row} were final (row t may read only "
+            "x[:, :t]); the solvers would converge to a wrong answer. "
+            "arflow_solvers.testing.check_causal names the positions that leak.",
+            row, float(moved[bad].max()),
+        )
 
 
 def _diverged(ev: Evaluator, x: Tensor, suspects: Tensor, exact: int, stop: int,

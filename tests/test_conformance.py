@@ -326,10 +326,10 @@ def test_a_cache_that_never_recomputes_fails_check_cached_range():
         check_cached_range(NeverRecomputes(CausalMLP(6, 2)), noise(2, 6, 2))
 
 
-def test_a_non_causal_block_misses_the_serial_answer_at_the_bound():
-    with pytest.raises(ConformanceError, match=r"Jacobi\(tol=0\.0\) at the bound differs from Serial\(\)") as caught:
+def test_a_non_causal_block_is_stopped_by_the_solver_at_its_first_leaking_row():
+    with pytest.raises(ConformanceError, match=r"Jacobi\(tol=0\.0\) stopped: Leaky is not causal: row 0") as caught:
         check_exact_at_bound(Leaky(), noise(2, 6, 1))
-    assert caught.value.violation > 0.1
+    assert caught.value.violation > 0.1 and caught.value.positions == [0]
 
 
 def test_check_block_stops_at_the_first_failed_check():

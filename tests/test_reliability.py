@@ -325,3 +325,17 @@ def test_the_rms_norm_stops_by_the_root_mean_square():
         assert sol.status is Status.CONVERGED
         assert (sol.x - serial).abs().max() < 1e-2
     assert repr(Jacobi(norm="rms")) == "Jacobi(norm='rms')"
+
+
+@pytest.mark.parametrize("solver", [Jacobi(), Jacobi(tol=0.0), GSJacobi(3, tol=1e-8)])
+def test_a_block_whose_row_reads_its_own_position_is_named_not_a_wrong_answer(solver):
+    from arflow_solvers import NotCausalError
+
+    class OffByOne:  # row t reads x[:, t]: an off-by-one mask
+        seq_len = 6
+
+        def affine(self, x, cond=None):
+            return 0.5 * x.roll(1, dims=1) + 0.3 * x, torch.zeros_like(x)
+
+    with pytest.raises(NotCausalError, match="OffByOne is not causal: row"):
+        solve(OffByOne(), z_for(OffByOne()), solver)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._sweep import NotCausalError
 from ..solve import solve
 from ..solvers import GSJacobi, Jacobi, Serial
 from ._common import (ConformanceError, default_atol, block_name, row_errors, magnitude, shown, validate)
@@ -64,7 +65,11 @@ def check_exact_at_bound(
     limit = atol if atol is not None else default_atol(z.dtype, magnitude(serial), 0.6)
     solvers = [Jacobi(tol=0.0)] + [GSJacobi(k, tol=0.0) for k in segments]
     for solver in solvers:
-        x = solve(block, z, solver, cond=cond, throw=False).x
+        try:
+            x = solve(block, z, solver, cond=cond, throw=False).x
+        except NotCausalError as error:
+            raise ConformanceError(block_name(block), check, [error.row], error.moved,
+                                   f"{solver!r} stopped: {error}") from error
         errors = row_errors(x, serial)
         if bool((errors > limit).any()):
             where = torch.nonzero(errors > limit).flatten().tolist()
