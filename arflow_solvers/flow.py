@@ -52,11 +52,7 @@ class Flow:
     def __init__(self, steps: Sequence[Union[AffineARBlock, CausalMapBlock, Step]]):
         steps = list(steps)
         for i, step in enumerate(steps):
-            if not (is_ar_block(step) or callable(step)):
-                raise TypeError(
-                    f"steps[{i}] must be an AffineARBlock, a CausalMapBlock or a callable "
-                    f"step(x, cond) -> x; got {type(step).__name__}"
-                )
+            _check_step(step, i)
         self.steps: tuple = tuple(steps)
 
     @property
@@ -87,6 +83,25 @@ class Flow:
         return "Flow(\n" + "\n".join(lines) + "\n)"
 
 
+def _check_step(step: Any, index: int) -> None:
+    """Raise `TypeError` unless `step` is a block or a plain sampling-direction callable."""
+    name = type(step).__name__
+    if is_ar_block(step):
+        return
+    if hasattr(step, "seq_len"):
+        raise TypeError(f"steps[{index}] ({name}) has seq_len but neither affine(x, cond) nor "
+                        "inverse_map(x, z, cond), so it is not a block the solvers can invert")
+    if isinstance(step, torch.nn.Module):
+        raise TypeError(
+            f"steps[{index}] is a torch module ({name}) that is not a block: calling it would run "
+            "its forward, usually the density direction. Pass the sampling-direction function "
+            "instead, e.g. `lambda x, cond: module.inverse(x)`"
+        )
+    if not callable(step):
+        raise TypeError(f"steps[{index}] must be an AffineARBlock, a CausalMapBlock or a callable "
+                        f"step(x, cond) -> x; got {name}")
+
+
 class Permute:
     """Reorder the positions of a `(B, T, D)` tensor: `x[:, order]`.
 
@@ -101,6 +116,9 @@ class Permute:
         self.order = order
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != len(self.order):
+            raise ValueError(f"Permute of {len(self.order)} positions got an input of shape "
+                             f"{tuple(x.shape)}; expected (B, {len(self.order)}, ...)")
         return x[:, self.order.to(x.device)]
 
     def __repr__(self) -> str:

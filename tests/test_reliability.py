@@ -339,3 +339,22 @@ def test_a_block_whose_row_reads_its_own_position_is_named_not_a_wrong_answer(so
 
     with pytest.raises(NotCausalError, match="OffByOne is not causal: row"):
         solve(OffByOne(), z_for(OffByOne()), solver)
+
+
+def test_a_flow_refuses_steps_it_cannot_classify():
+    with pytest.raises(TypeError, match=r"steps\[1\] is a torch module \(Linear\).*density direction"):
+        Flow([CausalMLP(4, 1), torch.nn.Linear(4, 4)])
+
+    class HalfBlock:
+        seq_len = 4
+
+    with pytest.raises(TypeError, match=r"steps\[0\] \(HalfBlock\) has seq_len but neither"):
+        Flow([HalfBlock()])
+    with pytest.raises(TypeError, match=r"steps\[0\] must be"):
+        Flow([3])
+
+
+def test_a_permute_of_the_wrong_length_is_refused():
+    flow = Flow([CausalMLP(4, 1), Permute([2, 1, 0])])
+    with pytest.raises(ValueError, match=r"Permute of 3 positions got an input of shape \(2, 4, 1\)"):
+        solve(flow, z_for(CausalMLP(4, 1)), Jacobi())

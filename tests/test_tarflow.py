@@ -506,3 +506,33 @@ def test_load_for_planning_reads_a_train_example_checkpoint(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="config"):
         load_for_planning(str(tmp_path / "bad.pt"), 2, 0, "cpu")
+
+
+def test_an_unconditional_tarflow_refuses_labels_and_guidance():
+    model = tiny(num_classes=0)
+    z = torch.randn(2, model.num_patches, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unconditional"):
+        sample(model, z, y=torch.tensor([0, 1]), denoise=False)
+    with pytest.raises(ValueError, match="guidance=1.5 given, but the TarFlow is unconditional"):
+        sample(model, z, guidance=1.5, denoise=False)
+    with pytest.raises(ValueError, match="unconditional"):
+        model.reverse(z, guidance=2.0)
+
+
+def test_image_shaped_noise_gets_an_error_naming_the_patch_shape():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"patch noise \(B, T=16, D=4\); got an image-shaped \(2, 1, 8, 8\)"):
+        sample(model, torch.randn(2, 1, 8, 8, dtype=torch.float64), denoise=False)
+
+
+def test_sampling_can_return_failed_samples_instead_of_raising():
+    from arflow_solvers import SolveError
+
+    model = tiny()
+    z = torch.randn(3, model.num_patches, 4, dtype=torch.float64)
+    z[1, 5, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"samples \[1\]"):
+        model.reverse(z)
+    x = model.reverse(z, throw=False)
+    assert torch.isnan(x[1]).any() and torch.isfinite(x[[0, 2]]).all()
+    assert issubclass(SolveError, RuntimeError)

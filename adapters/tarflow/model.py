@@ -329,6 +329,8 @@ class TarFlow(nn.Module):
         attn_temp: float = 1.0,
         annealed_guidance: bool = False,
         plan: Any = None,
+        *,
+        throw: bool = True,
     ) -> Tensor:
         """Sample images from patch noise `z` (`(B, T, D)`), serially unless a `plan` is given.
 
@@ -343,6 +345,8 @@ class TarFlow(nn.Module):
             attn_temp: attention temperature of the unconditional pass.
             annealed_guidance: ramp the guidance weight along each block's sequence.
             plan: a [`Plan`][arflow_solvers.Plan], solver or plan string; `None` is `Serial()`.
+            throw: raise [`SolveError`][arflow_solvers.SolveError] if some samples are not
+                finite (it carries the Solution); `False` returns them as NaN.
 
         Returns:
             `(B, C, H, W)` images.
@@ -350,4 +354,4 @@ class TarFlow(nn.Module):
         from .sampling import sample  # the sampling view is built on this module
 
         return sample(self, z, plan, y, guidance, attn_temp, denoise=False, guide_what=guide_what,
-                      annealed_guidance=annealed_guidance)
+                      annealed_guidance=annealed_guidance, throw=throw)

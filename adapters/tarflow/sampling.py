@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arflow_solvers import Flow, Permute, Serial, solve_inverse
+from arflow_solvers import Flow, Permute, Serial, solve
 
 from .block import TarFlowARBlock
 from .guidance import Guidance
@@ -75,6 +75,10 @@ def as_flow(
     """
     if not isinstance(model, TarFlow):
         raise TypeError(f"model must be a TarFlow; got {type(model).__name__}")
+    if model.num_classes == 0 and (y is not None or guidance):
+        what = "labels y" if y is not None else f"guidance={guidance}"
+        raise ValueError(f"{what} given, but the TarFlow is unconditional (num_classes=0): labels "
+                         "would be ignored and guidance would double the cost for nothing")
     settings = Guidance(float(guidance), guide_what, float(attn_temp), bool(annealed_guidance))
     flip = Permute(list(range(model.num_patches))[::-1])
     steps: list[Any] = [_ScaleByStd(model.var.sqrt())]
@@ -96,6 +100,8 @@ def sample(
     noise_std: float = 0.05,
     guide_what: str = "ab",
     annealed_guidance: bool = False,
+    *,
+    throw: bool = True,
 ) -> Tensor:
     """Sample images with a plan, then (by default) take the denoising score step.
 
@@ -114,16 +120,32 @@ def sample(
         noise_std: the training noise std used by the denoising step.
         guide_what: `'a'` (scale), `'b'` (shift) or `'ab'`, as in `TarFlow.reverse`.
         annealed_guidance: ramp the guidance weight along each block's sequence.
+        throw: raise [`SolveError`][arflow_solvers.SolveError] (which carries the Solution)
+            if some samples are not finite; `False` returns them as NaN.
 
     Returns:
         `(B, C, H, W)` images.
     """
     if denoise:
         _check_noise_std(noise_std)  # before the solve, not after it
-    flow = as_flow(model, guidance=guidance, guide_what=guide_what, attn_temp=attn_temp,
+    _check_patch_noise(model, z)
+    flow = as_flow(model, y=None, guidance=guidance, guide_what=guide_what, attn_temp=attn_temp,
                    annealed_guidance=annealed_guidance)
-    x = solve_inverse(flow, z, Serial() if plan is None else plan, cond=y)
+    if model.num_classes == 0 and y is not None:
+        as_flow(model, y=y)  # refuses labels for an unconditional model
+    x = solve(flow, z, Serial() if plan is None else plan, cond=y, throw=throw).x
     return _score_step(model, x, y, noise_std) if denoise else x
+
+
+def _check_patch_noise(model: TarFlow, z: Any) -> None:
+    """Raise naming the expected shape unless `z` is `(B, T, D)` patch noise for `model`."""
+    expected = (model.num_patches, model.in_channels * model.patch_size**2)
+    if isinstance(z, Tensor) and z.dim() == 4:
+        raise ValueError(f"z must be patch noise (B, T={expected[0]}, D={expected[1]}); got an image-shaped "
+                         f"{tuple(z.shape)} tensor: draw torch.randn(B, {expected[0]}, {expected[1]}) or "
+                         "use model.patchify(z)")
+    if isinstance(z, Tensor) and (z.dim() != 3 or tuple(z.shape[1:]) != expected):
+        raise ValueError(f"z must be patch noise (B, T={expected[0]}, D={expected[1]}); got {tuple(z.shape)}")
 
 
 def denoise(model: TarFlow, x: Tensor, y: Tensor | None = None, noise_std: float = 0.05) -> Tensor:
@@ -165,7 +187,8 @@ def _score_step(model: TarFlow, x: Tensor, y: Tensor | None, noise_std: float) -
     return (x + noise_std**2 * grad).detach()
 
 
-def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Flow, Tensor, Any]:
+def load_for_planning(path: str, batch: int, seed: int, device: str, *,
+                      trust_pickle: bool = False) -> tuple[Flow, Tensor, Any]:
     """Load a checkpoint for `arflow-solvers plan CKPT --model tarflow`.
 
     Reads the format `examples/train_tarflow.py` saves (a dict with `config`, the `TarFlow`
@@ -180,14 +203,39 @@ def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Fl
         batch: calibration batch size (>= 1).
         seed: seed of the noise and labels.
         device: where the model and tensors go (`'cpu'`, `'cuda'`, ...).
+        trust_pickle: also load a file that holds pickled Python objects besides tensors.
+            Unpickling runs code from the file: only for files you trust.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `batch` is not an int >= 1, or the file is unreadable (truncated, another
+            format), holds pickled objects while `trust_pickle` is False, or is not a
+            checkpoint of `examples/train_tarflow.py`; each message names the file.
     """
+    import pickle
+
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1; got {batch!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        pickled = isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
+        if not pickled:
+            reason = (str(error).strip().splitlines() or ["no message"])[0][:200]
+            raise ValueError(f"{path} is not a readable torch checkpoint (truncated, or another format): "
+                             f"{type(error).__name__}: {reason}") from error
+        if not trust_pickle:
+            raise ValueError(f"{path} holds pickled Python objects, not only tensors; loading it runs code "
+                             "from the file, so it is refused. If you trust the file, pass trust_pickle=True "
+                             "(arflow-solvers plan --trust-pickle)") from error
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else "-"
         raise ValueError(
             f"{path} is not a checkpoint of examples/train_tarflow.py (a dict with 'config' and "
-            f"'state_dict'); got {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}"
+            f"'state_dict'); got {type(ckpt).__name__} with keys {keys} (an nflows checkpoint? use --model nflows)"
         )
     model = TarFlow(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
