@@ -12,6 +12,7 @@ from torch import Tensor
 from ._progress import progress
 
 from . import init as inits
+from ._checks import check_block_input, check_noise
 from ._evaluate import affine_update
 from .flow import Flow, is_ar_block
 from .solvers import GSJacobi, Serial, Solver
@@ -124,11 +125,15 @@ class BlockTrace:
 def trace(flow: Flow | Any, z: Tensor, cond: Any = None, solver: Solver = Serial()) -> list[BlockTrace]:
     """Solve the flow with `solver` and keep every block's `(z, x)` pair, in sampling order."""
     flow = flow if isinstance(flow, Flow) else Flow([flow])
+    check_noise(z)
+    if z.shape[0] == 0:
+        raise ValueError("z is an empty batch; metrics and planners need at least one sample")
     traces = []
     x = z
     with torch.no_grad():
         for step in flow:
             if is_ar_block(step):
+                check_block_input(step, x, len(traces))
                 z_block = x
                 x, _ = solver.solve(step, z_block, cond, len(traces))
                 traces.append(BlockTrace(len(traces), step, z_block, x, cond))

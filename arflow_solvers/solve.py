@@ -11,7 +11,8 @@ from torch import Tensor
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
 from ._evaluate import select_rows
-from .solution import BlockStats, Solution, SolveError, Status, finite_samples, merge_block_stats
+from ._checks import check_block_input, check_noise
+from .solution import BlockStats, Solution, SolveError, Status, merge_block_stats
 
 __all__ = ["solve", "solve_inverse"]
 
@@ -66,7 +67,7 @@ def solve(
     """
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)
-    _check_noise(z, allow_nonfinite=not throw)
+    check_noise(z, allow_nonfinite=not throw)
     if max_batch is not None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be None or an int >= 1; got {max_batch!r}")
@@ -80,7 +81,7 @@ def solve(
             for step in flow:
                 if is_ar_block(step):
                     index = len(stats)
-                    _check_block_input(step, x, index)
+                    check_block_input(step, x, index)
                     x, block_stats = chosen.solver_for(index).solve(step, x, cond, index)
                     stats.append(block_stats)
                 else:
@@ -146,48 +147,3 @@ def _single(block: Any) -> Flow:
             f"{type(block).__name__}"
         )
     return Flow([block])
-
-
-def _check_noise(z: Tensor, allow_nonfinite: bool) -> None:
-    if not isinstance(z, Tensor):
-        raise TypeError(f"z must be a torch.Tensor; got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(f"z must be a floating-point tensor; got dtype {z.dtype}")
-    if z.dim() == 0:
-        raise ValueError("z must have a batch dimension; got a scalar")
-    if z.is_meta:
-        raise ValueError("z is on the 'meta' device, which holds no values; create it on a real device")
-    if allow_nonfinite:
-        return
-    bad = ~finite_samples(z)
-    if bool(bad.any()):
-        indices = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(
-            f"z contains non-finite values (nan or inf) in samples {indices[:10]}"
-            f"{' ...' if len(indices) > 10 else ''}; with throw=False those samples are marked "
-            "NONFINITE and the others solved"
-        )
-
-
-def _check_block_input(block: Any, x: Tensor, index: int) -> None:
-    seq_len = getattr(block, "seq_len", None)
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise TypeError(f"block {index} must have an int attribute seq_len >= 1; got {seq_len!r}")
-    if x.dim() != 3 or x.shape[1] != seq_len:
-        raise ValueError(
-            f"block {index} expects input of shape (B, T={seq_len}, D); got {tuple(x.shape)}"
-        )
-    parameters = getattr(block, "parameters", None)
-    if callable(parameters):
-        first = next(iter(parameters()), None)
-        if first is not None:
-            if first.device != x.device:
-                raise ValueError(
-                    f"block {index} has parameters on {first.device} but its input is on "
-                    f"{x.device}; move the model or z"
-                )
-            if first.is_floating_point() and first.dtype != x.dtype:
-                raise TypeError(
-                    f"block {index} has {first.dtype} parameters but its input is {x.dtype}; "
-                    "convert one of them (the solvers never change precision silently)"
-                )

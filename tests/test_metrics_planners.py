@@ -190,3 +190,12 @@ def test_calibrated_plan_meets_its_tolerance_end_to_end_when_later_steps_amplify
     error = (solve(flow, z, calibration.plan).x - serial).abs().max().item()
     assert error == pytest.approx(calibration.end_to_end_error) and error <= 1e-4
     assert [block[0].max_error for block in calibration.candidates] == [0.0, 0.0]  # serial
+
+
+@pytest.mark.parametrize("planner", [MetricPlanner(), CalibratedPlanner(cost=(1.0, 1.0))])
+def test_planners_name_an_empty_batch_or_a_wrong_sequence_length(planner):
+    flow = Flow([CausalMLP(6, 2)])
+    with pytest.raises(ValueError, match="empty batch"):
+        planner.plan(flow, torch.zeros(0, 6, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"block 0 expects input of shape \(B, T=6, D\); got \(3, 5, 2\)"):
+        planner.plan(flow, torch.zeros(3, 5, 2, dtype=torch.float64))
