@@ -358,3 +358,14 @@ def test_a_permute_of_the_wrong_length_is_refused():
     flow = Flow([CausalMLP(4, 1), Permute([2, 1, 0])])
     with pytest.raises(ValueError, match=r"Permute of 3 positions got an input of shape \(2, 4, 1\)"):
         solve(flow, z_for(CausalMLP(4, 1)), Jacobi())
+
+
+def test_the_guarantees_page_cites_only_tests_that_exist():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cited = set(re.findall(r"`(test_\w+)`", (root / "docs" / "guarantees.md").read_text()))
+    defined = {name for path in (root / "tests").glob("test_*.py")
+               for name in re.findall(r"def (test_\w+)", path.read_text())}
+    assert cited and cited <= defined, sorted(cited - defined)
