@@ -27,14 +27,6 @@ sizes = st.fixed_dictionaries({
 })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny blocks: one intra-op thread is faster and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def noise(batch, seq_len, dim, seed=0, scale=1.0):
     return scale * torch.randn(batch, seq_len, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)

@@ -10,14 +10,6 @@ from toys import CachedMLP, CausalLinear, CausalMLP, serial_reference
 EXACT = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny blocks: one intra-op thread is several times faster, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 sizes = st.fixed_dictionaries({
     "seq_len": st.integers(1, 12),

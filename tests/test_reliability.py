@@ -105,14 +105,16 @@ def test_non_finite_iterates_fall_back_without_leaking_nan():
     assert torch.allclose(sol.x, serial_reference(block, z), rtol=1e-12, atol=0)
 
 
+def huge_guess_for_sample_0(block, z, cond):
+    """An initial guess far from the answer for sample 0 only: its iteration diverges."""
+    x0 = z.clone()
+    x0[0] = 30.0
+    return x0
+
+
 def test_give_up_stops_only_the_overflowing_sample_and_keeps_its_exact_prefix():
     block = Explosive()
     z = torch.full((3, 12, 1), 0.01, dtype=torch.float64)
-
-    def huge_guess_for_sample_0(block, z, cond):
-        x0 = z.clone()
-        x0[0] = 30.0
-        return x0
 
     options = dict(tol=1e-12, init=huge_guess_for_sample_0)
     fell_back = solve(block, z, Jacobi(**options), throw=False)
@@ -304,11 +306,6 @@ def test_a_new_divergence_policy_is_a_small_object():
     assert isinstance(Zero(), DivergencePolicy)
     block = Explosive()
     z = torch.full((2, 12, 1), 0.01, dtype=torch.float64)
-
-    def huge_guess_for_sample_0(block, z, cond):
-        x0 = z.clone()
-        x0[0] = 30.0
-        return x0
 
     sol = solve(block, z, Jacobi(tol=1e-12, init=huge_guess_for_sample_0, on_divergence=Zero()), throw=False)
     assert sol.blocks[0].status.tolist() == [Status.FELL_BACK, Status.CONVERGED]

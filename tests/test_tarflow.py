@@ -28,14 +28,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tarflow_public_tiny.pt"
 T, D = 16, 4  # 8x8 single-channel images, 2x2 patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def public():
