@@ -1,6 +1,5 @@
 """The exactness guarantee: every solver at its bound gives the serial answer (float64)."""
 
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 

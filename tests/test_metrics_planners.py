@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from arflow_solvers import (CalibratedPlanner, Flow, GSJacobi, Jacobi, MetricPlanner, Plan, Serial,
+from arflow_solvers import (CalibratedPlanner, Flow, MetricPlanner, Plan, Serial,
                             crm, igm, init, iterations_to_tolerance, solve)
 from arflow_solvers import init as inits
-from arflow_solvers.metrics import BlockMetrics, flow_metrics, trace
+from arflow_solvers.metrics import BlockMetrics, flow_metrics
 from arflow_solvers.planners import select_tough
 from toys import CausalLinear, CausalMLP, serial_reference, shift_right
 

@@ -11,7 +11,6 @@ from nflows.distributions import StandardNormal  # noqa: E402
 from nflows.flows import Flow as NFlow  # noqa: E402
 from nflows.flows.autoregressive import MaskedAutoregressiveFlow  # noqa: E402
 from nflows.transforms import (  # noqa: E402
-    BatchNorm,
     CompositeTransform,
     MaskedAffineAutoregressiveTransform,
     MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
