@@ -4,21 +4,31 @@ Loads a checkpoint through an adapter's `load_for_planning(path, batch, seed, de
 returns `(flow, calibration_noise, cond)`, runs a planner, checks the plan against serial
 inversion on the calibration batch, and prints the metrics table, the plan and the measured
 speedup; `--json` writes all of it as one JSON file, `--out` the plan alone (`Plan.load`).
+
+Mistakes in the command (a missing or unreadable checkpoint, a wrong `--model`, a device this
+machine lacks, an `--out` or `--json` in a missing folder) are reported in one line, with exit
+status 2, before any work; a plan that cannot be made is reported in one line with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from .metrics import flow_metrics, max_abs_error, trace
 from .planners import CalibratedPlanner, MetricPlanner
+from .solution import SolveError
 from .solve import solve
 from .solvers import Serial
 
@@ -27,8 +37,10 @@ __all__ = ["main", "loaders", "MODELS_GROUP"]
 MODELS_GROUP = "arflow_solvers.models"
 """Entry-point group of model loaders: `name = "package.module:load_for_planning"`.
 
-A loader is `load_for_planning(path, batch, seed, device) -> (flow, noise, cond)`. A package
-adds a model kind to `arflow-solvers plan --model NAME` by declaring one in its metadata::
+A loader is `load_for_planning(path, batch, seed, device) -> (flow, noise, cond)`; one that
+can read pickled files declares a keyword-only `trust_pickle: bool = False` and refuses them
+unless it is True (`--trust-pickle`). A package adds a model kind to
+`arflow-solvers plan --model NAME` by declaring one in its metadata::
 
     [project.entry-points."arflow_solvers.models"]
     mymodel = "my_package.flows:load_for_planning"
@@ -40,13 +52,94 @@ def loaders() -> dict[str, str]:
     return {point.name: point.value for point in entry_points(group=MODELS_GROUP)}
 
 
+class _CommandError(Exception):
+    """A mistake in the command, reported in one line with exit status 2."""
+
+
 def _loader(name: str) -> Any:
     known = loaders()
     target = known.get(name, name)
     module, _, function = target.partition(":")
     if not function:
-        raise SystemExit(f"--model must be one of {sorted(known)} or module:function; got {name!r}")
-    return getattr(importlib.import_module(module), function)
+        raise _CommandError(f"--model must be one of {sorted(known)} or module:function; got {name!r}")
+    try:
+        loader = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise _CommandError(f"--model {name}: cannot import {target} ({_one_line(error)})") from None
+    if not callable(loader):
+        raise _CommandError(f"--model {name}: {target} is not callable")
+    return loader
+
+
+def _accepts_trust_pickle(loader: Any) -> bool:
+    try:
+        parameters = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):  # no signature (a builtin): assume the classic four arguments
+        return False
+    return any(p.name == "trust_pickle" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _check_device(name: str) -> None:
+    try:
+        torch.empty(1, device=torch.device(name))
+    except (RuntimeError, AssertionError, ValueError) as error:  # unknown name, or not on this machine
+        raise _CommandError(f"--device {name} is not usable here: {_one_line(error, 160)}") from None
+
+
+def _check_output(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise _CommandError(f"{option} {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise _CommandError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise _CommandError(f"{option} {path}: folder {folder} is not writable")
+
+
+def _check_command(args: argparse.Namespace) -> Any:
+    """Everything that can be checked before loading; returns the loader."""
+    if not Path(args.checkpoint).exists():
+        raise _CommandError(f"checkpoint {args.checkpoint} does not exist")
+    _check_output("--out", args.out)
+    _check_output("--json", args.json)
+    _check_device(args.device)
+    loader = _loader(args.model)
+    if args.trust_pickle and not _accepts_trust_pickle(loader):
+        raise _CommandError(f"--trust-pickle: the loader of --model {args.model} has no trust_pickle keyword")
+    return loader
+
+
+def _load(loader: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    keywords = {"trust_pickle": args.trust_pickle} if _accepts_trust_pickle(loader) else {}
+    try:
+        loaded = loader(args.checkpoint, args.batch, args.seed, args.device, **keywords)
+    except Exception as error:  # whatever the loader raises, say it in one line
+        raise _CommandError(f"cannot load {args.checkpoint} with --model {args.model}: "
+                            f"{type(error).__name__}: {_one_line(error)}") from None
+    if not isinstance(loaded, tuple) or len(loaded) != 3 or not isinstance(loaded[1], torch.Tensor):
+        raise _CommandError(f"--model {args.model}: the loader must return (flow, noise tensor, cond); "
+                            f"got {type(loaded).__name__}")
+    if loaded[1].dim() == 0 or loaded[1].shape[0] == 0:
+        raise _CommandError(f"--model {args.model}: the loader returned noise of shape "
+                            f"{tuple(loaded[1].shape)}, no calibration samples")
+    return loaded
+
+
+def _one_line(error: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(error).split()) or "no message"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text!r}")
+    return value
 
 
 def _table(metrics: Sequence[Any]) -> str:
@@ -65,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("checkpoint", help="path of the checkpoint the adapter loads")
     plan.add_argument("--model", required=True, help="an installed model kind (see MODELS_GROUP) or module:function")
     plan.add_argument("--planner", choices=["metric", "calibrated"], default="calibrated")
-    plan.add_argument("--batch", type=int, default=16, help="calibration batch size")
+    plan.add_argument("--batch", type=_positive_int, default=32,
+                      help="calibration batch size (the calibrated planner holds half of it out to validate)")
     plan.add_argument("--tol", type=float, default=1e-5, help="solver tolerance")
     plan.add_argument("--max-error", type=float, default=1e-4, help="calibrated: max abs error vs serial")
     plan.add_argument("--segments", type=int, default=8, help="metric: GS segments of tough blocks")
@@ -75,13 +169,37 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="cpu")
     plan.add_argument("--out", help="write the plan here (JSON, read by Plan.load)")
     plan.add_argument("--json", help="write metrics, plan and check here (JSON)")
+    plan.add_argument("--trust-pickle", action="store_true",
+                      help="let the loader read pickled files (e.g. a whole nflows Flow); this runs code "
+                           "from the file, so only for files you trust")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `arflow-solvers` command."""
+    """Entry point of the `arflow-solvers` command; returns its exit status.
+
+    Arguments:
+        argv: the arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        0 on success; 2 for a mistake in the command (printed in one line to stderr, before
+        any work); 1 when the plan cannot be made (one line too).
+    """
     args = _parser().parse_args(argv)
-    flow, z, cond = _loader(args.model)(args.checkpoint, args.batch, args.seed, args.device)
+    try:
+        flow, z, cond = _load(_check_command(args), args)
+    except _CommandError as error:
+        print(f"arflow-solvers plan: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _plan(args, flow, z, cond)
+    except (ValueError, TypeError, SolveError) as error:
+        print(f"arflow-solvers plan: error: planning {args.checkpoint} failed: {type(error).__name__}: "
+              f"{_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _plan(args: argparse.Namespace, flow: Any, z: Any, cond: Any) -> int:
     traces = trace(flow, z, cond)
     metrics = flow_metrics(flow, z, cond, args.tol, traces=traces, show_progress=True)
     calibration = None
@@ -109,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if calibration is not None:
         print(f"expected speedup (cost model): {calibration.expected_speedup:.2f}x; "
               f"selection rounds: {calibration.rounds}")
+        print(f"validated: {calibration.meaning}; promised max error {args.max_error:g}: "
+              f"{'held' if calibration.promised else 'NOT held'}")
+        if calibration.floor is not None:
+            print(f"floor: serial sampling in {z.dtype} is {calibration.floor:.3g} from float64")
+        if calibration.note:
+            print(f"note: {calibration.note}")
     print(f"on the calibration batch: {check['speedup_vs_serial']:.2f}x vs serial, "
           f"max abs error {check['max_abs_error']:.3g}, {check['passes']} passes vs {check['serial_passes']}")
     if args.out:

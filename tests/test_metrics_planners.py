@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from arflow_solvers import (CalibratedPlanner, Flow, MetricPlanner, Plan, Serial,
+from arflow_solvers import (CalibratedPlanner, Flow, Jacobi, MetricPlanner, Plan, Serial,
                             crm, igm, init, iterations_to_tolerance, solve)
 from arflow_solvers import init as inits
-from arflow_solvers.metrics import BlockMetrics, flow_metrics
+from arflow_solvers.metrics import BlockMetrics, flow_metrics, max_abs_error
 from arflow_solvers.planners import select_tough
 from toys import CausalLinear, CausalMLP, serial_reference, shift_right
 
@@ -142,7 +142,7 @@ def test_metric_planner_picks_each_blocks_initial_guess_by_its_igm():
 def test_calibrated_plan_meets_its_tolerance_and_is_cached(tmp_path):
     flow = Flow([CausalMLP(12, 2, seed=s, weight_scale=w) for s, w in ((0, 0.5), (1, 2.5), (2, 0.5))])
     z = torch.randn(6, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    planner = CalibratedPlanner(tol=1e-6, max_error=1e-5, cost=(1.0, 1.0))
+    planner = CalibratedPlanner(tol=1e-6, max_error=1e-5, cost=(1.0, 1.0), validation=0.0, safety=1.0)
     calibration = planner.calibrate(flow, z)
     again = planner.calibrate(flow, z)
     assert calibration.plan == again.plan  # deterministic with a fixed cost model
@@ -184,7 +184,8 @@ def test_calibrated_plan_meets_its_tolerance_end_to_end_when_later_steps_amplify
     flow = Flow([CausalMLP(12, 2, seed=0, weight_scale=1.5), CausalMLP(12, 2, seed=1, weight_scale=1.5),
                  lambda x, cond=None: 1000.0 * x])
     z = torch.randn(6, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    calibration = CalibratedPlanner(tol=1e-4, max_error=1e-4, cost=(1.0, 1.0)).calibrate(flow, z)
+    planner = CalibratedPlanner(tol=1e-4, max_error=1e-4, cost=(1.0, 1.0), validation=0.0, safety=1.0)
+    calibration = planner.calibrate(flow, z)
     assert calibration.rounds > 1
     serial = solve(flow, z, Serial()).x
     error = (solve(flow, z, calibration.plan).x - serial).abs().max().item()
@@ -197,5 +198,55 @@ def test_planners_name_an_empty_batch_or_a_wrong_sequence_length(planner):
     flow = Flow([CausalMLP(6, 2)])
     with pytest.raises(ValueError, match="empty batch"):
         planner.plan(flow, torch.zeros(0, 6, 2, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"block 0 expects input of shape \(B, T=6, D\); got \(3, 5, 2\)"):
+    with pytest.raises(ValueError, match=r"block 0 expects input of shape \(B, T=6, D\); got \((3|1), 5, 2\)"):
         planner.plan(flow, torch.zeros(3, 5, 2, dtype=torch.float64))
+
+
+def _three_blocks(dtype=torch.float64):
+    return Flow([CausalMLP(12, 2, seed=s, weight_scale=w, dtype=dtype) for s, w in ((0, 0.5), (1, 2.5), (2, 0.5))])
+
+
+def test_a_calibrated_plan_is_validated_on_samples_it_was_not_chosen_on():
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z[4:] *= 8  # the held-out half is harder than the half the plan is chosen on
+    flow = _three_blocks()
+    calibration = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0)).calibrate(flow, z)
+    held_out_error = max_abs_error(solve(flow, z[4:], calibration.plan).x, solve(flow, z[4:], Serial()).x)
+    assert calibration.validation_samples == 4
+    assert calibration.validated_error == pytest.approx(held_out_error, rel=1e-12)
+    assert calibration.promised and calibration.validated_error <= 1e-4
+    assert "4 held-out samples" in calibration.meaning and "not a bound" in calibration.meaning
+    assert calibration.to_dict()["validated_error"] == calibration.validated_error
+
+
+def test_a_plan_that_misses_on_held_out_samples_is_replaced_by_the_exact_plan_and_says_so():
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    calibration = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0)).calibrate(_three_blocks(), z)
+    assert not calibration.promised and "missed max_error on the held-out samples" in calibration.note
+    assert calibration.validated_error == 0.0  # the exact plan reproduces serial
+    assert all(block[i].max_error == 0.0 for block, i in zip(calibration.candidates, calibration.chosen))
+
+
+def test_the_default_plan_is_returned_when_it_is_as_good_and_no_slower():
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # Charging per call only, every candidate costs T calls on these blocks: serial is chosen
+    # first, yet the default (Jacobi at tol) is modelled no slower and meets max_error.
+    planner = CalibratedPlanner(tol=1e-4, max_error=1e-1, cost=(1.0, 0.0), segments=(1, 2))
+    calibration = planner.calibrate(_three_blocks(), z)
+    assert calibration.plan == Plan(Jacobi(tol=1e-4))
+    assert "default plan met max_error" in calibration.note and calibration.promised
+
+
+def test_the_floor_of_float32_sampling_is_reported_and_a_max_error_below_it_warned_about():
+    z = torch.randn(6, 12, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"max_error=1e-09 is below the flow's own serial error floor"):
+        calibration = CalibratedPlanner(max_error=1e-9, cost=(1.0, 1.0)).calibrate(_three_blocks(torch.float32), z)
+    assert 0 < calibration.floor < 1e-4
+    assert CalibratedPlanner(cost=(1.0, 1.0)).calibrate(_three_blocks(), z.double()).floor == 0.0
+
+
+@pytest.mark.parametrize("options, name", [(dict(validation=1.0), "validation"), (dict(safety=0.5), "safety"),
+                                           (dict(max_error=0.0), "max_error"), (dict(tol=-1.0), "tol")])
+def test_planner_options_that_cannot_work_are_refused_by_name(options, name):
+    with pytest.raises(ValueError, match=name):
+        CalibratedPlanner(**options)

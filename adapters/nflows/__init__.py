@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ except ImportError as error:  # pragma: no cover - exercised only without nflows
         "arflow_solvers.adapters.nflows needs nflows: pip install 'arflow-solvers[nflows]'"
     ) from error
 
+from .._checkpoint import load_checkpoint
 from .blocks import NflowsAffineBlock, NflowsARBlock, NflowsStep, ar_block
 
 __all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "ar_block", "build_maf",
@@ -175,28 +175,53 @@ def build_maf(features: int, hidden: int, layers: int, blocks: int = 1) -> Nflow
                                     num_blocks_per_layer=blocks, use_residual_blocks=True)
 
 
-def load_for_planning(path: str, batch: int, seed: int, device: str) -> tuple[Flow, Tensor, None]:
+def load_for_planning(path: str, batch: int, seed: int, device: str, *,
+                      trust_pickle: bool = False) -> tuple[Flow, Tensor, None]:
     """An nflows MAF checkpoint as `(flow, calibration noise, cond)` for `arflow-solvers plan`.
 
     Accepts a checkpoint `{"state_dict", "args": {"hidden", "layers", "blocks"}}` as written by
-    `examples/mnist_maf.py` (the feature count is read from the weights), or a whole pickled
-    nflows `Flow` (`torch.save(flow, path)`; unpickling runs code, so only load files you
-    trust). The noise is `(batch, D, 1)`, drawn from the flow's base distribution with `seed`.
+    `examples/mnist_maf.py` (the feature count is read from the weights), or, with
+    `trust_pickle=True`, a whole pickled nflows `Flow` (`torch.save(flow, path)`). The noise
+    is `(batch, D, 1)`, drawn from the flow's base distribution with `seed`.
+
+    Arguments:
+        path: checkpoint file.
+        batch: calibration batch size (>= 1).
+        seed: seed of the noise.
+        device: where the flow and the noise go (`'cpu'`, `'cuda'`, ...).
+        trust_pickle: also load files that hold pickled Python objects (a whole `Flow`).
+            Unpickling runs code from the file: only for files you trust.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `batch` is not an int >= 1, or the file is unreadable (truncated, another
+            format), holds pickled objects while `trust_pickle` is False, or is no nflows MAF
+            checkpoint; each message names the file.
     """
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1; got {batch!r}")
     try:
-        data = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        data = torch.load(path, map_location=device, weights_only=False)
+        data = load_checkpoint(path, trust_pickle)
+    except ValueError as error:
+        if "pickled Python objects" not in str(error):
+            raise
+        raise ValueError(f"{error}; a whole nflows Flow saved with torch.save(flow)? Or save "
+                         "{'state_dict': flow.state_dict(), 'args': {...}} instead") from error
     if isinstance(data, NflowsFlow):
         flow = data
-    elif isinstance(data, dict) and "state_dict" in data:
+    elif isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         args = data.get("args", {})
-        first = next(v for k, v in data["state_dict"].items() if k.endswith("initial_layer.weight"))
+        first = next((v for k, v in data["state_dict"].items() if k.endswith("initial_layer.weight")), None)
+        if first is None:
+            raise ValueError(f"{path} is not an nflows MAF checkpoint: its state_dict has no "
+                             "'*initial_layer.weight' (a TarFlow checkpoint? use --model tarflow)")
         flow = build_maf(first.shape[1], int(args.get("hidden", first.shape[0])),
                          int(args.get("layers", 5)), int(args.get("blocks", 1)))
-        flow.load_state_dict(data["state_dict"])
+        try:
+            flow.load_state_dict(data["state_dict"])
+        except RuntimeError as error:
+            raise ValueError(f"{path}: the weights do not fit the MAF its 'args' describe ({args}): "
+                             f"{str(error).splitlines()[0]}") from error
     else:
         raise ValueError(f"{path} holds neither an nflows Flow nor a {{'state_dict', 'args'}} checkpoint")
     flow = flow.to(device).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -13,6 +14,14 @@ from .layers import KV
 from .model import TarFlowBlock, _check_labels
 
 __all__ = ["TarFlowARBlock"]
+
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_autocast(autocast: Any) -> None:
+    """Raise unless `autocast` is `None`, `torch.bfloat16` or `torch.float16`."""
+    if autocast is not None and autocast not in _AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16; got {autocast!r}")
 
 
 class TarFlowARBlock:
@@ -41,6 +50,16 @@ class TarFlowARBlock:
     (mean embedding, i.e. unconditional). A cached solve takes the labels once, in
     `init_cache`; when `cond` is `None` the labels bound at construction (`y`) are used.
 
+    **Mixed precision** (`autocast=torch.bfloat16`), as the public sampler runs under
+    `torch.autocast("cuda", torch.bfloat16)`: the model and the iterate stay float32; every
+    transformer pass runs under `torch.autocast(device, autocast)`, so the linear layers and
+    attention run in bfloat16 while the residual stream, the layer norms and the softmax
+    accumulation stay float32; the keys and values are cached in bfloat16 (no float32 copy of
+    the cache is cast per step); and the block returns `(mu, log_sigma)` in the iterate's
+    float32, so the guidance combination, `exp` and the affine update run in float32. A solve
+    run inside an `autocast` context of the caller's own is treated the same way (the cache
+    takes that context's dtype).
+
     References:
         Normalizing Flows are Capable Generative Models (Zhai et al., 2024),
         https://arxiv.org/abs/2412.06329;
@@ -51,19 +70,25 @@ class TarFlowARBlock:
         block: the network.
         guidance: a [`Guidance`][arflow_solvers.adapters.tarflow.guidance.Guidance]; `None` for none.
         y: default labels when `cond` is `None`.
+        autocast: `torch.bfloat16` or `torch.float16` to run the transformer under
+            `torch.autocast` in that dtype (the model must be float32); `None`: the model's dtype.
     """
 
-    def __init__(self, block: TarFlowBlock, guidance: Guidance | None = None, y: Tensor | None = None):
+    def __init__(self, block: TarFlowBlock, guidance: Guidance | None = None, y: Tensor | None = None,
+                 autocast: torch.dtype | None = None):
         if not isinstance(block, TarFlowBlock):
             raise TypeError(f"block must be a TarFlowBlock; got {type(block).__name__}")
+        _check_autocast(autocast)
         self.block = block
         self.guidance = guidance or Guidance()
         self.y = y
+        self.autocast = autocast
         self.seq_len = block.num_patches
 
     def __repr__(self) -> str:
         g = self.guidance
         extra = f", guidance={g.weight}, guide_what={g.what!r}, attn_temp={g.attn_temp}" if g.active else ""
+        extra += f", autocast={self.autocast}" if self.autocast is not None else ""
         order = "flip" if self.block.flip else "identity"
         return f"TarFlowARBlock(T={self.seq_len}, D={self.block.in_channels}, order={order}{extra})"
 
@@ -97,6 +122,25 @@ class TarFlowARBlock:
         mean = blk.class_embedding(None).to(dtype).expand(batch, 1, -1)
         return torch.stack([cond_embed, mean])
 
+    # -- mixed precision
+
+    def _autocast(self, device: torch.device) -> Any:
+        """The `torch.autocast` context of the transformer passes (a no-op without `autocast`)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+    def _cache_dtype(self, z: Tensor) -> torch.dtype:
+        """dtype of the cached keys and values: the autocast dtype (own or the caller's), else `z`'s."""
+        if self.autocast is not None:
+            if z.dtype != torch.float32:
+                raise TypeError(f"autocast={self.autocast} needs a float32 model and noise; got {z.dtype} "
+                                "(autocast leaves float64 untouched; cast the model with .float())")
+            return self.autocast
+        if torch.is_autocast_enabled(z.device.type) and z.dtype == torch.float32:
+            return torch.get_autocast_dtype(z.device.type)
+        return z.dtype
+
     # -- running tokens
 
     def _tokens(self, x_tok: Tensor, start: int, class_embed: Tensor | None, kv: list[KV] | None = None,
@@ -106,19 +150,21 @@ class TarFlowARBlock:
         `x_tok` is `(b, n, D)` in own order; `kv`, `pos_embed` as in
         [`TarFlowBlock.transformer`][arflow_solvers.adapters.tarflow.TarFlowBlock.transformer]
         and [`embed`][arflow_solvers.adapters.tarflow.TarFlowBlock.embed]. Under guidance the
-        groups run as one batch of `2b`, the second half tempered by `attn_temp`.
+        groups run as one batch of `2b`, the second half tempered by `attn_temp`. Under
+        autocast the pass runs in the autocast dtype and its output is cast back to `x_tok`'s.
         """
         blk = self.block
         b, n, _ = x_tok.shape
-        h = blk.embed(x_tok, start, None, pos_embed)
-        if self.groups == 1:
-            h = h if class_embed is None else h + class_embed[0]
-            return blk.transformer(h, start, kv).unsqueeze(0)
-        h = h.unsqueeze(0).expand(2, b, n, h.shape[-1])
-        if class_embed is not None:
-            h = h + class_embed
-        out = blk.transformer(h.reshape(2 * b, n, -1), start, kv, self.guidance.attn_temp, temp_from=b)
-        return out.reshape(2, b, n, -1)
+        with self._autocast(x_tok.device):
+            h = blk.embed(x_tok, start, None, pos_embed)
+            if self.groups == 1:
+                h = h if class_embed is None else h + class_embed[0]
+                return blk.transformer(h, start, kv).unsqueeze(0).to(x_tok.dtype)
+            h = h.unsqueeze(0).expand(2, b, n, h.shape[-1])
+            if class_embed is not None:
+                h = h + class_embed
+            out = blk.transformer(h.reshape(2 * b, n, -1), start, kv, self.guidance.attn_temp, temp_from=b)
+        return out.reshape(2, b, n, -1).to(x_tok.dtype)
 
     def _combine(self, out: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """`(G, b, n, out)` rows `[start, start + n)` to guided `(mu, log_sigma)`, `(b, n, D)`."""
@@ -159,9 +205,10 @@ class TarFlowARBlock:
         batch, seq_len, g = z.shape[0], blk.num_patches, self.groups
         heads = [(layer.attention.num_heads, layer.attention.head_dim) for layer in blk.attn_blocks]
         shapes = [(g * batch, h, seq_len, d) for h, d in heads]
+        kv_dtype = self._cache_dtype(z)
         return TarFlowCache(
-            keys=[z.new_empty(s) for s in shapes],
-            values=[z.new_empty(s) for s in shapes],
+            keys=[z.new_empty(s, dtype=kv_dtype) for s in shapes],
+            values=[z.new_empty(s, dtype=kv_dtype) for s in shapes],
             outputs=z.new_zeros(g, batch, seq_len + 1, blk.proj_out.out_features),
             fed=z.new_empty(z.shape),
             valid=torch.zeros(batch, dtype=torch.long, device=z.device),

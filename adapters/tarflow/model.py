@@ -331,6 +331,7 @@ class TarFlow(nn.Module):
         plan: Any = None,
         *,
         throw: bool = True,
+        autocast: torch.dtype | None = None,
     ) -> Tensor:
         """Sample images from patch noise `z` (`(B, T, D)`), serially unless a `plan` is given.
 
@@ -347,6 +348,9 @@ class TarFlow(nn.Module):
             plan: a [`Plan`][arflow_solvers.Plan], solver or plan string; `None` is `Serial()`.
             throw: raise [`SolveError`][arflow_solvers.SolveError] if some samples are not
                 finite (it carries the Solution); `False` returns them as NaN.
+            autocast: `torch.bfloat16` to sample under mixed precision as the public sampler
+                does under `torch.autocast("cuda", torch.bfloat16)` (see
+                [`as_flow`][arflow_solvers.adapters.tarflow.as_flow]); `None`: the model's dtype.
 
         Returns:
             `(B, C, H, W)` images.
@@ -354,4 +358,4 @@ class TarFlow(nn.Module):
         from .sampling import sample  # the sampling view is built on this module
 
         return sample(self, z, plan, y, guidance, attn_temp, denoise=False, guide_what=guide_what,
-                      annealed_guidance=annealed_guidance, throw=throw)
+                      annealed_guidance=annealed_guidance, throw=throw, autocast=autocast)

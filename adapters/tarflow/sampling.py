@@ -9,7 +9,8 @@ from torch import Tensor
 
 from arflow_solvers import Flow, Permute, Serial, solve
 
-from .block import TarFlowARBlock
+from .._checkpoint import load_checkpoint
+from .block import TarFlowARBlock, _check_autocast
 from .guidance import Guidance
 from .model import TarFlow, unpatchify
 
@@ -47,6 +48,7 @@ def as_flow(
     guide_what: str = "ab",
     attn_temp: float = 1.0,
     annealed_guidance: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> Flow:
     """A TarFlow in sampling order, as a [`Flow`][arflow_solvers.Flow] for the solvers.
 
@@ -67,11 +69,19 @@ def as_flow(
         guide_what: `'a'` (scale), `'b'` (shift) or `'ab'`, as in `TarFlow.reverse`.
         attn_temp: attention temperature of the unconditional pass.
         annealed_guidance: ramp the guidance weight along each block's sequence.
+        autocast: `torch.bfloat16` (or `torch.float16`) to sample as the public sampler does under
+            `torch.autocast("cuda", torch.bfloat16)`: a float32 model and iterate, the transformer
+            passes under `torch.autocast` (linear layers and attention in that dtype, layer norms,
+            residual stream and softmax accumulation in float32), keys and values cached in that
+            dtype, and `(mu, log_sigma)` returned in float32, so the guidance, `exp` and the
+            affine update run in float32. `None` (default): everything in the model's dtype.
 
     Examples:
         >>> model = TarFlow(1, 8, 2, channels=64, num_blocks=2, layers_per_block=1)
         >>> as_flow(model).num_blocks
         2
+        >>> as_flow(model, autocast=torch.bfloat16).blocks[0].autocast
+        torch.bfloat16
     """
     if not isinstance(model, TarFlow):
         raise TypeError(f"model must be a TarFlow; got {type(model).__name__}")
@@ -79,11 +89,12 @@ def as_flow(
         what = "labels y" if y is not None else f"guidance={guidance}"
         raise ValueError(f"{what} given, but the TarFlow is unconditional (num_classes=0): labels "
                          "would be ignored and guidance would double the cost for nothing")
+    _check_autocast(autocast)
     settings = Guidance(float(guidance), guide_what, float(attn_temp), bool(annealed_guidance))
     flip = Permute(list(range(model.num_patches))[::-1])
     steps: list[Any] = [_ScaleByStd(model.var.sqrt())]
     for block in reversed(model.blocks):
-        ar = TarFlowARBlock(block, settings, y)
+        ar = TarFlowARBlock(block, settings, y, autocast)
         steps += [flip, ar, flip] if block.flip else [ar]
     steps.append(_Unpatchify(model.img_size, model.patch_size))
     return Flow(steps)
@@ -102,6 +113,7 @@ def sample(
     annealed_guidance: bool = False,
     *,
     throw: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> Tensor:
     """Sample images with a plan, then (by default) take the denoising score step.
 
@@ -122,6 +134,9 @@ def sample(
         annealed_guidance: ramp the guidance weight along each block's sequence.
         throw: raise [`SolveError`][arflow_solvers.SolveError] (which carries the Solution)
             if some samples are not finite; `False` returns them as NaN.
+        autocast: `torch.bfloat16` to sample under mixed precision as the public sampler does
+            (see [`as_flow`][arflow_solvers.adapters.tarflow.as_flow]); the denoising step runs
+            in the model's dtype.
 
     Returns:
         `(B, C, H, W)` images.
@@ -130,7 +145,7 @@ def sample(
         _check_noise_std(noise_std)  # before the solve, not after it
     _check_patch_noise(model, z)
     flow = as_flow(model, y=None, guidance=guidance, guide_what=guide_what, attn_temp=attn_temp,
-                   annealed_guidance=annealed_guidance)
+                   annealed_guidance=annealed_guidance, autocast=autocast)
     if model.num_classes == 0 and y is not None:
         as_flow(model, y=y)  # refuses labels for an unconditional model
     x = solve(flow, z, Serial() if plan is None else plan, cond=y, throw=throw).x
@@ -212,25 +227,9 @@ def load_for_planning(path: str, batch: int, seed: int, device: str, *,
             format), holds pickled objects while `trust_pickle` is False, or is not a
             checkpoint of `examples/train_tarflow.py`; each message names the file.
     """
-    import pickle
-
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1; got {batch!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # torch raises many kinds for a truncated or foreign file
-        pickled = isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
-        if not pickled:
-            reason = (str(error).strip().splitlines() or ["no message"])[0][:200]
-            raise ValueError(f"{path} is not a readable torch checkpoint (truncated, or another format): "
-                             f"{type(error).__name__}: {reason}") from error
-        if not trust_pickle:
-            raise ValueError(f"{path} holds pickled Python objects, not only tensors; loading it runs code "
-                             "from the file, so it is refused. If you trust the file, pass trust_pickle=True "
-                             "(arflow-solvers plan --trust-pickle)") from error
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path, trust_pickle)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         keys = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else "-"
         raise ValueError(

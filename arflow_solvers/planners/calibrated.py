@@ -1,0 +1,370 @@
+"""Beyond the paper: the calibrated planner picks per block the solver of least modelled time."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import init as inits
+from .._evaluate import select_rows
+from .._fingerprint import fingerprint
+from .._progress import progress
+from ..flow import Flow, is_ar_block
+from ..metrics import BlockTrace, max_abs_error, trace
+from ..plan import Plan
+from ..solve import solve
+from ..solvers import GSJacobi, Jacobi, Serial, Solver
+from ..stopping import check_tolerance
+from ._float64 import serial_floor
+
+__all__ = ["CalibratedPlanner", "Calibration", "Candidate"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One solver tried on one block during calibration."""
+
+    solver: str
+    passes: int
+    work: float
+    max_error: float
+    expected_seconds: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What [`CalibratedPlanner`][arflow_solvers.planners.CalibratedPlanner] measured and chose.
+
+    Attributes:
+        plan: the chosen plan.
+        candidates: per block, every candidate tried.
+        chosen: per block, the index of the chosen candidate.
+        seconds_per_pass: per block, `(per call, per full pass)` seconds used by the cost model.
+        expected_speedup: modelled serial time over modelled plan time.
+        end_to_end_error: max-abs error of the whole plan vs serial on the samples it was
+            chosen on (the flow's output, over the samples serial finds finite).
+        rounds: selections tried; each after the first tightened the per-block allowance.
+        validated_error: max-abs error of the returned plan vs serial on the held-out
+            samples, which took no part in choosing it: an estimate of the largest error over
+            that many fresh samples, not a bound (`None` without held-out samples).
+        validation_samples: how many samples were held out.
+        floor: the flow's own serial sampling (in the calibration dtype) vs a float64 serial
+            solve on the calibration samples: no plan's error against the truth is below it
+            (`None` when the flow cannot be copied to float64, `0.0` in float64).
+        promised: whether the returned plan met `max_error` on the held-out samples.
+        note: what the planner did besides choosing (returned the default or the exact plan).
+    """
+
+    plan: Plan
+    candidates: list[list[Candidate]]
+    chosen: list[int]
+    seconds_per_pass: list[tuple[float, float]]
+    expected_speedup: float
+    end_to_end_error: float = 0.0
+    rounds: int = 1
+    validated_error: float | None = None
+    validation_samples: int = 0
+    floor: float | None = None
+    promised: bool = True
+    note: str = ""
+
+    @property
+    def meaning(self) -> str:
+        """One sentence on what `validated_error` says, for printing."""
+        if self.validated_error is None:
+            return ("no samples were held out: the error was only measured on the samples the "
+                    "plan was chosen on")
+        return (f"max error {self.validated_error:.3g} vs serial over {self.validation_samples} "
+                "held-out samples: an estimate of the worst case over that many fresh samples, "
+                "not a bound")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": str(self.plan),
+            "plan_spec": self.plan.to_dict(),
+            "expected_speedup": self.expected_speedup,
+            "end_to_end_error": self.end_to_end_error,
+            "rounds": self.rounds,
+            "validated_error": self.validated_error,
+            "validation_samples": self.validation_samples,
+            "floor": self.floor,
+            "promised": self.promised,
+            "note": self.note,
+            "meaning": self.meaning,
+            "blocks": [
+                {"chosen": c, "seconds_per_call": s[0], "seconds_per_pass": s[1],
+                 "candidates": [vars(k) for k in cands]}
+                for c, s, cands in zip(self.chosen, self.seconds_per_pass, self.candidates)
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class CalibratedPlanner:
+    """Beyond the paper: choose per block the solver with the least modelled wall time.
+
+    On a calibration batch, each block is solved serially (the reference), by
+    `GSJacobi(m, tol=tol)` for each `m` in `segments`, by Jacobi at `tol / 10` and `tol / 100`
+    and by the exact mode `Jacobi(tol=0)`.
+    Each block gets the candidate with the least modelled time
+    `passes * seconds_per_call + work * seconds_per_pass` (both measured on the block, median
+    of `repeats` timings, unless `cost` fixes them) among those whose block error vs serial
+    is within an allowance, at first `max_error`; `Serial` is always admissible.
+
+    Block errors add up and later blocks amplify them, so the whole plan is then checked
+    end to end: if the flow's output is further than `max_error / safety` from serial's,
+    every allowance is divided by twice the excess and the blocks are chosen again; after
+    `rounds` tries only error-free candidates remain (serial, or an exact mode that
+    reproduces it).
+
+    A promise must hold on noise the plan was not chosen on, so the last `validation`
+    fraction of the batch is held out: the plan is chosen on the rest, then measured on the
+    held-out samples. If it misses `max_error` there, the planner says so
+    (`Calibration.promised` is `False`) and returns the exact plan (per block the cheaper of
+    serial and `Jacobi(tol=0)`). If the default plan `Jacobi(tol=tol)` also meets `max_error`
+    on the held-out samples and is modelled no slower, the default is returned: a planner
+    never makes sampling slower at the same validated error. A `max_error` below the flow's
+    own float32-vs-float64 error (`Calibration.floor`) is warned about. With `cost` given the
+    result is
+    deterministic given the seed; with measured costs it can differ between runs whose
+    timings differ. `plan(..., cache=path)` writes the plan and its calibration as JSON and
+    reuses the plan only for the same planner settings, flow weights and calibration batch
+    (a SHA-256 fingerprint of each); otherwise it calibrates again and overwrites the file.
+
+    Arguments:
+        tol: tolerance of the candidate solvers.
+        max_error: largest admissible max-abs error vs serial, end to end.
+        segments: segment counts to try (1 is Jacobi).
+        init: initial guess of the candidates.
+        repeats: timings per block for the cost model.
+        cost: `(seconds_per_call, seconds_per_pass)` for every block instead of measuring.
+        seed: seeds torch before calibrating.
+        rounds: selections tried before only error-free candidates are allowed.
+        validation: fraction of the batch held out to validate the plan (0: none).
+        safety: the plan is chosen to meet `max_error / safety` on the other samples.
+    """
+
+    tol: float = 1e-5
+    max_error: float = 1e-4
+    segments: tuple[int, ...] = (1, 2, 4, 8, 16)
+    init: inits.Init = field(default=inits.noise)
+    repeats: int = 3
+    cost: tuple[float, float] | None = None
+    seed: int = 0
+    rounds: int = 4
+    validation: float = 0.5
+    safety: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_tolerance("tol", self.tol)
+        if not (isinstance(self.max_error, (int, float)) and 0 < self.max_error < math.inf):
+            raise ValueError(f"max_error must be a finite number > 0; got {self.max_error!r}")
+        if not 0 <= self.validation < 1:
+            raise ValueError(f"validation must be a fraction in [0, 1); got {self.validation!r}")
+        if not self.safety >= 1:
+            raise ValueError(f"safety must be >= 1; got {self.safety!r}")
+
+    def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None,
+             show_progress: bool = False) -> Plan:
+        """Calibrate on `z` and return the plan (read from `cache` when it exists)."""
+        if cache is None:
+            return self.calibrate(flow, z, cond, show_progress).plan
+        key = self._cache_key(flow, z, cond)
+        cached = _read_cache(Path(cache))
+        if cached is not None and cached.get("calibrated_for") == key:
+            return Plan.from_dict(cached["plan_spec"])
+        calibration = self.calibrate(flow, z, cond, show_progress)
+        Path(cache).write_text(json.dumps({"calibrated_for": key, "plan_spec": calibration.plan.to_dict(),
+                                           "calibration": calibration.to_dict()}, indent=2))
+        return calibration.plan
+
+    def _cache_key(self, flow: Flow | Any, z: Tensor, cond: Any) -> dict[str, Any]:
+        """What a cached plan was calibrated for: this planner, the flow's weights, the batch."""
+        settings = {name: getattr(value, "__name__", None) or repr(value)
+                    for name, value in vars(self).items()}
+        steps = list(flow) if isinstance(flow, Flow) else [flow]
+        return {"planner": settings, "flow": fingerprint(steps), "batch": fingerprint(z, cond)}
+
+    def calibrate(self, flow: Flow | Any, z: Tensor, cond: Any = None,
+                  show_progress: bool = False) -> Calibration:
+        """Choose on part of `z`, validate on the rest; see the class docstring."""
+        torch.manual_seed(self.seed)
+        flow = flow if isinstance(flow, Flow) else Flow([flow])
+        (fit_z, fit_cond), (held_z, held_cond) = _split(z, cond, self.validation)
+        traces = trace(flow, fit_z, fit_cond)
+        reference = _output(flow, traces, fit_cond)
+        options, all_candidates, costs = [], [], []
+        for t in progress(traces, show_progress, desc="calibrating", unit="block"):
+            cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
+            options.append(self._candidates())
+            all_candidates.append([_try(t, solver, cost) for solver in options[-1]])
+            costs.append(cost)
+        chosen, error, rounds = self._select(flow, fit_z, fit_cond, reference, options, all_candidates)
+        floor = serial_floor(flow, fit_z, fit_cond, reference)
+        if floor is not None and self.max_error < floor:
+            warnings.warn(f"max_error={self.max_error:g} is below the flow's own serial error floor "
+                          f"{floor:.3g} (float32 vs float64): no plan can be validated against a truth "
+                          "finer than that", stacklevel=2)
+        serial_total = sum(c[0].expected_seconds for c in all_candidates)
+        verdict = self._validate(flow, held_z, held_cond, options, all_candidates, chosen)
+        chosen, validated, promised, note = verdict
+        plan = _as_plan([_simplest(o[c]) for o, c in zip(options, chosen)])
+        plan_total = sum(c[i].expected_seconds for c, i in zip(all_candidates, chosen))
+        return Calibration(plan, all_candidates, chosen, costs, serial_total / max(plan_total, 1e-12),
+                           error, rounds, validated, held_z.shape[0], floor, promised, note)
+
+    def _candidates(self) -> list[Solver]:
+        """Serial first, the default `Jacobi(tol)` second, then the others."""
+        return [Serial(), Jacobi(tol=self.tol, init=self.init),
+                *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments if m != 1),
+                *(Jacobi(tol=_tighter(self.tol, d), init=self.init) for d in (10, 100)),
+                Jacobi(tol=0.0, init=self.init)]
+
+    def _select(self, flow: Flow, z: Tensor, cond: Any, reference: Tensor, options: list,
+                all_candidates: list) -> tuple[list[int], float, int]:
+        """Per-block choices meeting `max_error / safety` end to end on `z`, tightening as needed."""
+        target = self.max_error / self.safety
+        allowance = target
+        for rounds in range(1, self.rounds + 2):
+            if rounds > self.rounds:
+                allowance = 0.0
+            chosen = [_cheapest(candidates, allowance) for candidates in all_candidates]
+            plan = _as_plan([_simplest(o[c]) for o, c in zip(options, chosen)])
+            error = max_abs_error(solve(flow, z, plan, cond=cond, throw=False).x, reference)
+            if error <= target or allowance == 0.0:
+                return chosen, error, rounds
+            allowance /= 2 * error / target
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _validate(self, flow: Flow, z: Tensor, cond: Any, options: list, all_candidates: list,
+                  chosen: list[int]) -> tuple[list[int], float | None, bool, str]:
+        """`(chosen, validated error, promised, note)` after checking on the held-out samples."""
+        if z.shape[0] == 0:
+            return chosen, None, True, ""
+        serial = solve(flow, z, Serial(), cond=cond, throw=False).x
+
+        def error_of(picks: list[int]) -> float:
+            plan = _as_plan([_simplest(o[c]) for o, c in zip(options, picks)])
+            return max_abs_error(solve(flow, z, plan, cond=cond, throw=False).x, serial)
+
+        def seconds_of(picks: list[int]) -> float:
+            return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
+
+        validated = error_of(chosen)
+        default = [1] * len(chosen)  # Jacobi(tol) on every block
+        default_error = validated if chosen == default else error_of(default)
+        default_ok = default_error <= self.max_error
+        default_no_slower = chosen != default and seconds_of(default) <= seconds_of(chosen)
+        if validated <= self.max_error and not (default_ok and default_no_slower):
+            return chosen, validated, True, ""
+        if default_ok and chosen != default:
+            reason = ("is modelled no slower than the calibrated one" if validated <= self.max_error
+                      else f"while the calibrated one missed it ({validated:.3g})")
+            return default, default_error, True, (
+                f"the default plan met max_error on the held-out samples and {reason}, so it is returned")
+        exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
+        return exact, error_of(exact), False, self._missed(validated)
+
+    def _missed(self, validated: float) -> str:
+        return (f"the calibrated plan missed max_error on the held-out samples ({validated:.3g} > "
+                f"{self.max_error:g}), so the exact plan is returned; calibrate on more samples or "
+                "raise max_error")
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A cache file's contents, or `None` when it is missing or not a planner cache."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "plan_spec" in data else None
+
+
+def _tighter(tol: float, factor: int) -> float:
+    """`tol / factor`, rounded to 6 digits so that 1e-5 / 10 prints as 1e-06."""
+    return float(f"{tol / factor:.6g}")
+
+
+def _cheapest(candidates: Sequence[Candidate], allowance: float) -> int:
+    admissible = [i for i, c in enumerate(candidates) if i == 0 or c.max_error <= allowance]
+    return min(admissible, key=lambda i: candidates[i].expected_seconds)
+
+
+def _output(flow: Flow, traces: Sequence[BlockTrace], cond: Any) -> Tensor:
+    """The flow's output from its traced blocks: the steps after the last block applied."""
+    steps = list(flow)
+    last = max(i for i, step in enumerate(steps) if is_ar_block(step))
+    x = traces[-1].x
+    for step in steps[last + 1:]:
+        x = step(x, cond)
+    return x
+
+
+def _simplest(solver: Solver) -> Solver:
+    if isinstance(solver, GSJacobi) and solver.segments == 1:
+        return Jacobi(tol=solver.tol, init=solver.init)
+    return solver
+
+
+def _as_plan(solvers: Sequence[Solver]) -> Plan:
+    default = Counter(solvers).most_common(1)[0][0] if solvers else Jacobi()
+    return Plan(default, {i: s for i, s in enumerate(solvers) if s != default})
+
+
+def _try(t: BlockTrace, solver: Solver, cost: tuple[float, float]) -> Candidate:
+    x, stats = solver.solve(t.block, t.z, t.cond, t.index)
+    error = max_abs_error(x, t.x) if x.numel() else 0.0
+    seconds = stats.passes * cost[0] + stats.work * cost[1]
+    return Candidate(repr(solver), stats.passes, stats.work, error, seconds)
+
+
+def _measure_costs(t: BlockTrace, repeats: int) -> tuple[float, float]:
+    """`(seconds per call, seconds per full pass)` of one block, from two timings.
+
+    One Jacobi iteration costs `c + p` (one call, one full pass). For a KV-cached block,
+    serial costs `T c + p` (`T` one-position calls, one pass of work in all), which
+    separates the two; without a cache every call is a full pass and `c` is folded into `p`.
+    """
+    one_pass = _median_seconds(lambda: Jacobi(max_iters=1).solve(t.block, t.z, t.cond), repeats)
+    seq_len = t.z.shape[1]
+    if not callable(getattr(t.block, "affine_range", None)) or seq_len < 2:
+        return 0.0, one_pass
+    serial = _median_seconds(lambda: Serial().solve(t.block, t.z, t.cond), 1)
+    per_call = max(0.0, (serial - one_pass) / (seq_len - 1))
+    return per_call, max(0.0, one_pass - per_call)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    timings = []
+    for _ in range(max(1, repeats)):
+        began = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        timings.append(time.perf_counter() - began)
+    return statistics.median(timings)
+
+
+def _split(z: Tensor, cond: Any, fraction: float) -> tuple[tuple[Tensor, Any], tuple[Tensor, Any]]:
+    """`(fit, held)`: the first samples to choose on, the last `fraction` held out."""
+    batch = z.shape[0]
+    if batch == 0:
+        raise ValueError("z is an empty batch; metrics and planners need at least one sample")
+    held = int(round(batch * fraction))
+    if fraction > 0 and batch >= 2:
+        held = min(max(held, 1), batch - 1)
+    elif fraction > 0:
+        raise ValueError(f"validation={fraction} needs a batch of at least 2 samples to hold some out; "
+                         f"got {batch} (or pass validation=0)")
+    fit = torch.arange(batch - held, device=z.device)
+    rest = torch.arange(batch - held, batch, device=z.device)
+    return (z[fit], select_rows(cond, fit, batch)), (z[rest], select_rows(cond, rest, batch))
