@@ -38,8 +38,8 @@ def _cast(obj: Any, seen: set[int]) -> None:
 def _put(obj: Any, key: Any, value: Any) -> None:
     if isinstance(obj, (dict, list)):
         obj[key] = value
-    else:
-        setattr(obj, key, value)
+    else:  # `obj` is our own deep copy: a frozen dataclass may be rewritten too
+        object.__setattr__(obj, key, value)
 
 
 def in_float64(flow: Flow) -> Flow | None:
