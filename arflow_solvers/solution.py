@@ -150,12 +150,16 @@ class Solution:
         status: the worst outcome over all blocks and samples.
         blocks: one [`BlockStats`][arflow_solvers.BlockStats] per block, in sampling order.
         wall_time: seconds for the whole solve.
+        adjoint: for a differentiable solve, one `AdjointStats` per block (see
+            [`arflow_solvers.adjoint`][arflow_solvers.adjoint]), filled in when backward runs;
+            empty otherwise.
     """
 
     x: Tensor
     status: Status
     blocks: tuple[BlockStats, ...] = field(default_factory=tuple)
     wall_time: float = 0.0
+    adjoint: tuple = field(default_factory=tuple)
 
     @property
     def passes(self) -> int:

@@ -8,11 +8,13 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .adjoint import AdjointStats, differentiable_solve, wants_gradients
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
 from ._evaluate import select_rows
 from ._checks import check_block_input, check_noise
 from .solution import BlockStats, Solution, SolveError, Status, merge_block_stats
+from .stopping import StoppingRule, check_tolerance
 
 __all__ = ["solve", "solve_inverse"]
 
@@ -27,6 +29,7 @@ def solve(
     cond: Any = None,
     throw: bool = True,
     max_batch: int | None = None,
+    adjoint_tol: float = 0.0,
 ) -> Solution:
     """Invert an autoregressive block or a whole flow for noise `z`, with statistics.
 
@@ -49,6 +52,16 @@ def solve(
             bounds peak memory by `max_batch x T x D` times a small constant; statistics are
             merged as if solved at once. Each chunk is solved independently, so results are
             the same whatever `max_batch` is, up to the rounding of the batch shapes.
+        adjoint_tol: relative tolerance of the backward (adjoint) solves; `0` iterates each
+            until it stops changing or reaches its exactness bound.
+
+    Gradients: when autograd is recording and `z`, a floating tensor of `cond` or a parameter
+    of a block (`block.parameters()`) requires grad, the result is differentiable. Each block's
+    solve is then an implicit function: its backward solves the adjoint fixed point by Jacobi
+    on vector-Jacobian products of one evaluation at the solution (see
+    [`arflow_solvers.adjoint`][arflow_solvers.adjoint]), whatever solver the plan uses; its
+    statistics land in `Solution.adjoint` when backward runs. Other steps differentiate as
+    ordinary torch code. Double backward is not supported. Otherwise the solve records no graph.
 
     Returns:
         A [`Solution`][arflow_solvers.Solution].
@@ -67,29 +80,39 @@ def solve(
     """
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)
+    check_tolerance("adjoint_tol", adjoint_tol)
     check_noise(z, allow_nonfinite=not throw)
     if max_batch is not None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be None or an int >= 1; got {max_batch!r}")
         if z.shape[0] > max_batch:
-            return _solve_in_chunks(flow, z, chosen, cond, throw, max_batch)
+            return _solve_in_chunks(flow, z, chosen, cond, throw, max_batch, adjoint_tol)
     began = time.perf_counter()
     stats: list[BlockStats] = []
+    adjoints: list[AdjointStats] = []
+    differentiable = wants_gradients(list(flow.blocks), z, cond)
+    rule = StoppingRule(adjoint_tol, 0.0) if differentiable else None
     x = z
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         if z.shape[0] > 0:
             for step in flow:
-                if is_ar_block(step):
-                    index = len(stats)
-                    check_block_input(step, x, index)
-                    x, block_stats = chosen.solver_for(index).solve(step, x, cond, index)
-                    stats.append(block_stats)
-                else:
+                if not is_ar_block(step):
                     x = step(x, cond)
+                    continue
+                index = len(stats)
+                check_block_input(step, x, index)
+                solver = chosen.solver_for(index)
+                if differentiable:
+                    x, block_stats, adjoint = differentiable_solve(solver, step, x, cond, index, rule)
+                    adjoints.append(adjoint)
+                else:
+                    x, block_stats = solver.solve(step, x, cond, index)
+                stats.append(block_stats)
     status = max((b.worst for b in stats), default=Status.CONVERGED)
     if not bool(torch.isfinite(x).all()):
         status = max(status, Status.NONFINITE)
-    solution = Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began)
+    solution = Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began,
+                        adjoint=tuple(adjoints))
     if throw and not status.usable:
         raise SolveError(status, solution)
     return solution
@@ -102,10 +125,12 @@ def solve_inverse(
     *,
     cond: Any = None,
     max_batch: int | None = None,
+    adjoint_tol: float = 0.0,
 ) -> Tensor:
     """The one-liner: `solve(block_or_flow, z, plan, cond=cond, max_batch=max_batch).x`.
 
     Raises [`SolveError`][arflow_solvers.SolveError] instead of returning non-finite samples.
+    Differentiable like [`solve`][arflow_solvers.solve] when something it reads requires grad.
 
     Examples:
         >>> import torch
@@ -118,21 +143,24 @@ def solve_inverse(
         >>> solve_inverse(Halver(), torch.ones(1, 4, 1), GSJacobi(2, tol=0.0)).flatten().tolist()
         [1.0, 1.5, 1.75, 1.875]
     """
-    return solve(block_or_flow, z, plan, cond=cond, throw=True, max_batch=max_batch).x
+    return solve(block_or_flow, z, plan, cond=cond, throw=True, max_batch=max_batch, adjoint_tol=adjoint_tol).x
 
 
-def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, max_batch: int) -> Solution:
+def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, max_batch: int,
+                     adjoint_tol: float) -> Solution:
     began = time.perf_counter()
     parts = []
     for start in range(0, z.shape[0], max_batch):
         rows = torch.arange(start, min(start + max_batch, z.shape[0]), device=z.device)
-        parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=False))
+        parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=False,
+                           adjoint_tol=adjoint_tol))
     blocks = tuple(merge_block_stats([p.blocks[i] for p in parts]) for i in range(len(parts[0].blocks)))
     solution = Solution(
         x=torch.cat([p.x for p in parts]),
         status=max(p.status for p in parts),
         blocks=blocks,
         wall_time=time.perf_counter() - began,
+        adjoint=tuple(a for p in parts for a in p.adjoint),
     )
     if throw and not solution.status.usable:
         raise SolveError(solution.status, solution)

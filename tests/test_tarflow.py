@@ -528,3 +528,76 @@ def test_sampling_can_return_failed_samples_instead_of_raising():
     x = model.reverse(z, throw=False)
     assert torch.isnan(x[1]).any() and torch.isfinite(x[[0, 2]]).all()
     assert issubclass(SolveError, RuntimeError)
+
+
+# ------------------------------------------------------------------ bfloat16 autocast (the public sampler's precision)
+
+BF16_RTOL = 3e-2
+"""Stated tolerance of `autocast=torch.bfloat16`: per sample, max abs error / max abs value vs float32."""
+
+
+def _relative_err(x, reference):
+    """Largest per-sample `max |x - reference| / max |reference|`."""
+    return float(((x - reference).abs().flatten(1).amax(1) / reference.abs().flatten(1).amax(1)).max())
+
+
+@pytest.mark.parametrize("case", REVERSE_CASES)
+@pytest.mark.parametrize("solver", SOLVERS, ids=repr)
+def test_bfloat16_autocast_reproduces_the_public_fixture_on_cpu(model, public, case, solver):
+    # measured on this fixture: 0.4-1.9% (the public-style loop under the same autocast: 0.5-1.7%)
+    kwargs, expected = _reverse_args(public, case)
+    if kwargs["y"] is not None:
+        kwargs["y"] = kwargs["y"][1:]
+    x = model.reverse(public["noise"][1:].clone(), plan=solver, autocast=torch.bfloat16, **kwargs)
+    assert x.dtype == torch.float32
+    assert 1e-4 < _relative_err(x, expected[1:]) <= BF16_RTOL  # it did run in bfloat16, within the tolerance
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=["none", "annealed-ab", "plain-a"])
+def test_bfloat16_autocast_caches_in_bfloat16_and_updates_in_float32(guide):
+    m = tiny(torch.float32)
+    block = as_flow(m, autocast=torch.bfloat16, **guide).blocks[0]
+    z = torch.randn(3, T, D)
+    y = torch.tensor([0, 2, -1])
+    cache = block.init_cache(z, y)
+    assert all(buf.dtype == torch.bfloat16 for buf in cache.keys + cache.values)
+    assert cache.outputs.dtype == torch.float32
+    with torch.no_grad():
+        mu, log_sigma = block.affine_range(cache, z, 0, 9)
+        mu_full, log_sigma_full = block.affine(z, y)
+        mu_32, _ = as_flow(m, **guide).blocks[0].affine(z, y)
+    assert mu.dtype == log_sigma.dtype == mu_full.dtype == torch.float32  # guidance, exp, update in float32
+    torch.testing.assert_close(mu, mu_full[:, :9], rtol=0, atol=1e-2)  # cached range vs full pass
+    torch.testing.assert_close(log_sigma, log_sigma_full[:, :9], rtol=0, atol=1e-2)
+    assert 0 < float((mu_full - mu_32).abs().max()) < 5e-2  # bfloat16 rounding, no more
+    assert "autocast=torch.bfloat16" in repr(block)
+
+
+def test_bfloat16_autocast_solvers_agree_with_float32_sampling():
+    m = tiny(torch.float32)
+    z = torch.randn(4, T, D)
+    y = torch.tensor([0, 1, 2, -1])
+    reference = solve(as_flow(m, guidance=1.0), z, Serial(), cond=y).x
+    for plan in (Serial(), Jacobi(tol=0.0), GSJacobi(segments=4, tol=0.0), Plan.parse("[0-4-*-*]", tol=1e-4)):
+        x = sample(m, z, plan, y=y, guidance=1.0, denoise=False, autocast=torch.bfloat16)
+        assert _relative_err(x, reference) <= BF16_RTOL, plan
+
+
+def test_an_autocast_context_of_the_callers_own_equals_the_option():
+    m = tiny(torch.float32)
+    z = torch.randn(2, T, D)
+    y = torch.tensor([1, 2])
+    own = m.reverse(z, y, guidance=1.0, autocast=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ambient = m.reverse(z, y, guidance=1.0)
+        cache = as_flow(m).blocks[0].init_cache(z, y)
+    assert torch.equal(own, ambient) and ambient.dtype == torch.float32
+    assert cache.keys[0].dtype == torch.bfloat16
+
+
+def test_autocast_option_is_checked():
+    m = tiny()  # float64
+    with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16"):
+        as_flow(m, autocast=torch.float32)
+    with pytest.raises(TypeError, match="needs a float32 model"):
+        m.reverse(torch.randn(2, T, D, dtype=torch.float64), autocast=torch.bfloat16)
