@@ -135,3 +135,19 @@ def test_a_non_finite_adjoint_is_an_error_never_a_nan_gradient():
     weights = torch.tensor([0.0, 0.0, 0.0, 1e308], dtype=F64).reshape(1, 4, 1)
     with pytest.raises(AdjointError, match="block 0 became non-finite"):
         (x * weights).sum().backward()
+
+
+def test_a_tarflow_differentiates_with_respect_to_its_weights_and_noise():
+    from arflow_solvers.adapters.tarflow import TarFlow, as_flow
+
+    torch.manual_seed(0)
+    model = TarFlow(1, 4, 2, channels=64, num_blocks=2, layers_per_block=1).to(F64)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 0.05)  # the public init zeroes it: make blocks do something
+    flow = as_flow(model)
+    z = torch.randn(2, 4, 4, dtype=F64, requires_grad=True)
+    inputs = [z, *model.parameters()]
+    expected = gradients(serial_with_graph(flow, z), inputs)
+    got = gradients(solve(flow, z, Jacobi(tol=0.0)).x, inputs)
+    assert_close(got, expected)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .cache import TarFlowCache
 from .guidance import Guidance
@@ -96,6 +97,10 @@ class TarFlowARBlock:
     def groups(self) -> int:
         """2 when guidance needs an unconditional pass, else 1."""
         return 2 if self.guidance.active else 1
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The TarFlow block's parameters, so that solves differentiate with respect to them."""
+        return self.block.parameters()
 
     def output_projection(self) -> tuple[Tensor, Tensor]:
         """`(W_mu, W_log_sigma)` from `proj_out` (for the CRM metric)."""
