@@ -16,7 +16,7 @@ from arflow_solvers.testing import (
     check_causal,
     check_exact_at_bound,
 )
-from toys import CachedMLP, CausalLinear, CausalMLP, Explosive, Recurrence, shift_right
+from toys import CachedMLP, CausalLinear, CausalMLP, Explosive, Recurrence, shift_right, tiny_tarflow
 
 F64 = torch.float64
 sizes = st.fixed_dictionaries({
@@ -207,19 +207,7 @@ class TestNflows:
 class TestTarFlow:
     @staticmethod
     def tiny(num_classes=3):
-        """A small random TarFlow whose blocks do something (as tests/test_tarflow.py builds it)."""
-        from arflow_solvers.adapters.tarflow import TarFlow
-
-        torch.manual_seed(0)
-        model = TarFlow(1, 8, 2, channels=32, num_blocks=2, layers_per_block=1, nvp=True,
-                        num_classes=num_classes, head_dim=16, expansion=2)
-        with torch.no_grad():
-            for block in model.blocks:
-                block.proj_out.weight.normal_(0, 0.05)
-                block.proj_out.bias.normal_(0, 0.05)
-                if block.class_embed is not None:
-                    block.class_embed.normal_(0, 0.5)
-        return model.double().eval()
+        return tiny_tarflow(num_classes=num_classes, layers=1)
 
     def test_tarflow_blocks_pass_every_check(self):
         from arflow_solvers.adapters.tarflow import TarFlowARBlock, as_flow

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from toys import tiny_tarflow  # noqa: E402
 from arflow_solvers.adapters.tarflow import TarFlow, TarFlowARBlock, as_flow, denoise, sample
 from arflow_solvers import (
     CachedARBlock,
@@ -42,17 +43,7 @@ def model(public):
 
 
 def tiny(dtype=torch.float64, num_classes=3, nvp=True, seed=0, layers=2) -> TarFlow:
-    """A small random TarFlow whose blocks do something (proj_out non-zero)."""
-    torch.manual_seed(seed)
-    m = TarFlow(1, 8, 2, channels=32, num_blocks=2, layers_per_block=layers, nvp=nvp,
-                num_classes=num_classes, head_dim=16, expansion=2)
-    with torch.no_grad():
-        for block in m.blocks:
-            block.proj_out.weight.normal_(0, 0.05)
-            block.proj_out.bias.normal_(0, 0.05)
-            if block.class_embed is not None:
-                block.class_embed.normal_(0, 0.5)
-    return m.to(dtype).eval()
+    return tiny_tarflow(dtype, num_classes, nvp, seed, layers)
 
 
 # ------------------------------------------------------------------ public fixture

@@ -129,3 +129,23 @@ def load_for_planning(path: str, batch: int, seed: int, device: str):
     blocks = [CausalMLP(10, 2, seed=s, weight_scale=w, dtype=torch.float32) for s, w in ((0, 0.5), (1, 3.0))]
     z = torch.randn(batch, 10, 2, generator=torch.Generator().manual_seed(seed))
     return Flow([blocks[0], Permute(list(range(9, -1, -1))), blocks[1]]), z, None
+
+
+def tiny_tarflow(dtype=torch.float64, num_classes=3, nvp=True, seed=0, layers=2):
+    """A small random TarFlow (8x8 images, 2x2 patches: T=16, D=4) whose blocks do something.
+
+    The public initialisation zeroes `proj_out`, which makes every block the identity; here it
+    and the class embeddings are random.
+    """
+    from arflow_solvers.adapters.tarflow import TarFlow
+
+    torch.manual_seed(seed)
+    model = TarFlow(1, 8, 2, channels=32, num_blocks=2, layers_per_block=layers, nvp=nvp,
+                    num_classes=num_classes, head_dim=16, expansion=2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 0.05)
+            block.proj_out.bias.normal_(0, 0.05)
+            if block.class_embed is not None:
+                block.class_embed.normal_(0, 0.5)
+    return model.to(dtype).eval()
