@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import platform
 import sys
 import time
@@ -134,6 +135,17 @@ def _loaded_models(args: argparse.Namespace) -> dict[str, tuple]:
     return models
 
 
+def _strict(value: Any) -> Any:
+    """`value` with non-finite floats as strings ("inf", "nan"), so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", default=[], help="KIND=CHECKPOINT (KIND: an installed loader)")
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k: v for k, v in vars(args).items() if k not in ("out",)},
         "models": [_no_grad_evaluate(name, flow, cal, fresh, args) for name, (flow, cal, fresh) in models.items()],
     }
-    text = json.dumps(result, indent=2, default=str)
+    text = json.dumps(_strict(result), indent=2, default=str, allow_nan=False)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:
