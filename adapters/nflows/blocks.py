@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -11,16 +10,10 @@ from nflows.transforms.base import Transform
 from torch import Tensor
 from torch.nn import functional as F
 
-from .made import PACKED, PackedMADE, check_packable, check_sampleable, snapshot_network
+from .._masked import MaskedAffineBlock, MaskedARBlock, MaskedNetwork
+from .made import check_packable, read_made
 
 __all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "ar_block"]
-
-
-def _flat(x: Tensor, features: int, name: str = "x") -> Tensor:
-    """`(B, T, 1)` to nflows' `(B, T)`."""
-    if x.dim() != 3 or x.shape[1] != features or x.shape[2] != 1:
-        raise ValueError(f"{name} must have shape (B, {features}, 1); got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], features)
 
 
 def _features(transform: AutoregressiveTransform) -> int:
@@ -37,7 +30,7 @@ def _features(transform: AutoregressiveTransform) -> int:
     )
 
 
-class NflowsARBlock:
+class NflowsARBlock(MaskedARBlock):
     r"""Any nflows `AutoregressiveTransform`, as a [`CausalMapBlock`][arflow_solvers.CausalMapBlock].
 
     nflows inverts an AR transform by `T` sweeps of
@@ -46,6 +39,10 @@ class NflowsARBlock:
     nflows reaches, computed by the same operations (bit-identical in exact mode), for
     affine, spline (rational-quadratic, cubic, ...) and any other elementwise transform.
     Jacobi needs nothing else: row `t` of the update reads `x[:, :t]` and `z[:, t]` only.
+
+    nflows' MADE is evaluated by the shared masked layer
+    ([`MaskedARBlock`][arflow_solvers.adapters._masked.MaskedARBlock]) with its masked
+    products read once per solve; any other `autoregressive_net` is called as nflows calls it.
 
     Shapes: the core's `(B, T, 1)` with `T = features`; nflows sees `(B, T)`. `cond` is the
     (embedded) context nflows would pass, `(B, context_features)`, or `None`.
@@ -56,9 +53,10 @@ class NflowsARBlock:
 
     Arguments:
         transform: the nflows autoregressive transform (a MADE-based one).
+        bitwise: see [`NflowsAffineBlock`][arflow_solvers.adapters.nflows.NflowsAffineBlock].
     """
 
-    def __init__(self, transform: AutoregressiveTransform):
+    def __init__(self, transform: AutoregressiveTransform, *, bitwise: bool = True):
         if not isinstance(transform, AutoregressiveTransform):
             raise TypeError(
                 f"transform must be an nflows AutoregressiveTransform; got {type(transform).__name__}"
@@ -68,40 +66,29 @@ class NflowsARBlock:
                 f"{type(transform).__name__} overrides nflows' autoregressive inverse, so its "
                 "inverse is not the causal sweep the solvers iterate; it cannot be wrapped"
             )
-        self.transform = transform
-        self.seq_len = _features(transform)
-        self._network = transform.autoregressive_net
+        if not isinstance(bitwise, bool):
+            raise TypeError(f"bitwise must be a bool; got {bitwise!r}")
+        if not bitwise:
+            check_packable(transform)
+        super().__init__(transform, bitwise=bitwise)
+        if not self._identity:  # nflows' MADE always reads features in their own order
+            raise ValueError(f"{self.name}'s masks are not autoregressive in nflows' feature order")
 
-    def snapshot(self) -> "NflowsARBlock":
-        """This block for one solve: its MADE's masked products read once, now.
+    def read_network(self, transform: AutoregressiveTransform) -> MaskedNetwork | None:
+        return read_made(transform.autoregressive_net, _features(transform))
 
-        The solvers call it at the start of every solve, so weights updated between solves (by
-        an optimizer, or through `p.data` as an EMA does) are always seen; the transform itself
-        is never modified. Refuses a transform whose training mode would change the samples.
-        """
-        check_sampleable(self.transform)
-        if torch.is_grad_enabled():
-            return self
-        solving = copy.copy(self)
-        solving._network = snapshot_network(self.transform.autoregressive_net)
-        return solving
+    def opaque_features(self, transform: AutoregressiveTransform) -> int:
+        return _features(transform)
 
-    def _net(self, x: Tensor, cond: Any) -> Tensor:
-        """The MADE's outputs for `(B, T, 1)` inputs."""
-        return self._network(_flat(x, self.seq_len), cond)
+    def call_network(self, x: Tensor, cond: Any) -> Tensor:
+        return self.transform.autoregressive_net(x, cond)
 
-    def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
-        """One sweep of nflows' inverse loop: `(B, T, 1)` iterate and noise to the new iterate."""
-        batch = x.shape[0]
-        params = self._net(x, cond)
-        out, _ = self.transform._elementwise_inverse(_flat(z, self.seq_len, "z"), params)
-        return out.reshape(batch, self.seq_len, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.transform).__name__}, features={self.seq_len})"
+    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
+        """nflows' `_elementwise_inverse(z, params)`, its log-determinant dropped."""
+        return self.transform._elementwise_inverse(z, params)[0]
 
 
-class NflowsAffineBlock(NflowsARBlock):
+class NflowsAffineBlock(NflowsARBlock, MaskedAffineBlock):
     r"""nflows' `MaskedAffineAutoregressiveTransform` as an affine block.
 
     nflows' density direction is $z = s\,x + b$ with $s = \mathrm{softplus}(u) + 10^{-3}$,
@@ -111,15 +98,18 @@ class NflowsAffineBlock(NflowsARBlock):
     as nflows does (`(z - shift) / scale`), so the answer matches nflows bit for bit.
 
     With `bitwise=False` the update runs on a packed copy of the MADE instead (degree-sorted,
-    block-triangular weights that skip the masked zeros, feature-major activations): the
-    same function at a fraction of the cost of nflows' pass (measured on the docs' MAF page),
-    equal to nflows' update to float rounding rather than bit for bit. The copy is rebuilt
-    when a weight changes.
+    block-triangular weights that skip the masked zeros, feature-major activations; see
+    [`PackedProgram`][arflow_solvers.adapters._masked.PackedProgram]): the same function at
+    a fraction of the cost of nflows' pass (measured on the docs' MAF page), equal to
+    nflows' update to float rounding rather than bit for bit. The copy is rebuilt when a
+    weight changes.
 
     Arguments:
         transform: a `MaskedAffineAutoregressiveTransform`.
         bitwise: compute the update as nflows does (`True`, default) or on the packed MADE.
     """
+
+    shift_scale = (1, 0)  # nflows' outputs per feature: (unconstrained scale, shift)
 
     def __init__(self, transform: MaskedAffineAutoregressiveTransform, *, bitwise: bool = True):
         if not isinstance(transform, MaskedAffineAutoregressiveTransform):
@@ -127,55 +117,24 @@ class NflowsAffineBlock(NflowsARBlock):
                 "transform must be an nflows MaskedAffineAutoregressiveTransform; "
                 f"got {type(transform).__name__}"
             )
-        if not isinstance(bitwise, bool):
-            raise TypeError(f"bitwise must be a bool; got {bitwise!r}")
-        super().__init__(transform)
-        self.bitwise = bitwise
-        self._packed: PackedMADE | None = None
-        if not bitwise:
-            check_packable(transform)
+        super().__init__(transform, bitwise=bitwise)
 
-    def snapshot(self) -> "NflowsAffineBlock":
-        """This block for one solve: its masked products, or its packed MADE, read once, now."""
-        solving = super().snapshot()
-        if not self.bitwise and solving is not self:
-            check_packable(self.transform)
-            solving._packed = PACKED(self.transform)
-        return solving
-
-    def _scale_shift(self, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
-        params = self._net(x, cond)
+    def _scale_shift(self, params: Tensor) -> tuple[Tensor, Tensor]:
         unconstrained, shift = self.transform._unconstrained_scale_and_shift(params)
         return F.softplus(unconstrained) + self.transform._epsilon, shift
 
-    def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
+    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
         """nflows' inverse sweep, `(z - shift) / scale`, without its unused log-determinant.
 
         The same operations in the same order as nflows' `_elementwise_inverse`, so the
         same bits, without computing `log(scale)` and its sum.
         """
-        flat_z = _flat(z, self.seq_len, "z")
-        if not self.bitwise and not torch.is_grad_enabled():
-            packed = self._packed or PACKED(self.transform)
-            return packed.inverse_map(_flat(x, self.seq_len), flat_z, cond).unsqueeze(-1)
-        scale, shift = self._scale_shift(x, cond)
-        return ((flat_z - shift) / scale).reshape(x.shape[0], self.seq_len, 1)
+        scale, shift = self._scale_shift(params)
+        return (z - shift) / scale
 
-    def affine(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
-        """`(mu, log_sigma)` of `x = exp(log_sigma) z + mu`, each `(B, T, 1)`."""
-        scale, shift = self._scale_shift(x, cond)
-        return (-shift / scale).unsqueeze(-1), (-torch.log(scale)).unsqueeze(-1)
-
-    def output_projection(self) -> tuple[Tensor, Tensor]:
-        """`(W_shift, W_scale)`: the masked output rows producing the shift and the raw scale.
-
-        nflows' `mu` and `log_sigma` are smooth functions of these two linear outputs
-        (`-b/s`, `-log s`), so these are the matrices a CRM-style contractivity estimate
-        reads; each is `(T, hidden)`.
-        """
-        final = self.transform.autoregressive_net.final_layer
-        weight = final.weight * final.mask
-        return weight[1::2], weight[0::2]
+    def univariate_affine(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        scale, shift = self._scale_shift(params)
+        return -shift / scale, -torch.log(scale)
 
 
 class NflowsStep:
@@ -203,14 +162,18 @@ class NflowsStep:
 def ar_block(transform: AutoregressiveTransform, *, bitwise: bool = True) -> NflowsARBlock:
     """The block for one nflows AR transform: affine when it is MAF's, a causal map otherwise.
 
-    `bitwise=False` packs MAF's MADE (see [`NflowsAffineBlock`][arflow_solvers.adapters.nflows.NflowsAffineBlock]);
-    other AR transforms are always evaluated by nflows.
+    `bitwise=False` packs the MADE (see [`NflowsAffineBlock`][arflow_solvers.adapters.nflows.NflowsAffineBlock]);
+    it raises `ValueError` for a MAF whose MADE cannot be packed, while other AR transforms
+    whose network cannot be packed are evaluated as nflows evaluates them.
     """
     if isinstance(transform, MaskedAffineAutoregressiveTransform) and (
         type(transform)._elementwise_inverse
         is MaskedAffineAutoregressiveTransform._elementwise_inverse
     ):
         return NflowsAffineBlock(transform, bitwise=bitwise)
+    if not bitwise:
+        try:
+            return NflowsARBlock(transform, bitwise=False)
+        except ValueError:
+            pass
     return NflowsARBlock(transform)
-
-

@@ -1,0 +1,260 @@
+"""One block for every masked autoregressive transform: the library says how to read it, we do the rest.
+
+A library adapter subclasses [`MaskedARBlock`][arflow_solvers.adapters._masked.block.MaskedARBlock]
+(or [`MaskedAffineBlock`][arflow_solvers.adapters._masked.block.MaskedAffineBlock]) and
+supplies two things: `read_network` (its network as a
+[`MaskedNetwork`][arflow_solvers.adapters._masked.network.MaskedNetwork]) and
+`univariate_inverse` (its elementwise inverse, computed as the library computes it). The
+block does everything else once: the autoregressive order and the shape checks, the
+per-solve snapshot of the masked products through a proven
+[`WeightCache`][arflow_solvers.adapters._masked.weights.WeightCache], the packed evaluation,
+`affine` and `output_projection` for the metrics, and refusing a model whose training mode
+would change the samples.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .network import Analysis, MaskedNetwork, analyse
+from .program import DenseProgram, PackedProgram, products
+from .weights import WeightCache, masks
+
+__all__ = ["MaskedARBlock", "MaskedAffineBlock", "check_sampleable"]
+
+
+def check_sampleable(module: nn.Module, name: str | None = None) -> None:
+    """Raise `ValueError` naming `module` if a submodule's training mode would change the samples.
+
+    Dropout (with `p > 0`) and batch norm in training mode are refused: the first makes the
+    samples random, the second updates running statistics and makes samples depend on the
+    batch. Batch norm is torch's, or any module with running statistics among its own
+    buffers (`running_mean` / `running_var` or `moving_mean` / `moving_variance`: the
+    batch-norm transforms of nflows, normflows and pyro). Anything else in training mode
+    samples as in eval mode.
+    """
+    name = name or type(module).__name__
+    for sub in module.modules():
+        if not sub.training:
+            continue
+        if isinstance(sub, nn.Dropout) and sub.p > 0:
+            raise ValueError(f"{name} uses dropout in training mode, which makes samples random; "
+                             "call flow.eval() first")
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) or _has_running_statistics(sub):
+            raise ValueError(f"{name} has batch norm in training mode, which would update its running "
+                             "statistics and make samples depend on the batch; call flow.eval() first")
+
+
+def _has_running_statistics(module: nn.Module) -> bool:
+    names = {name for name, _ in module.named_buffers(recurse=False)}
+    return {"running_mean", "running_var"} <= names or {"moving_mean", "moving_variance"} <= names
+
+
+def _analysis(owner: nn.Module, network: MaskedNetwork, name: str) -> Analysis:
+    return analyse(network, name)
+
+
+def _dense(owner: nn.Module, network: MaskedNetwork, analysis: Analysis) -> DenseProgram:
+    return DenseProgram(network, analysis, products(network))
+
+
+def _packed(owner: nn.Module, network: MaskedNetwork, analysis: Analysis, name: str) -> PackedProgram:
+    return PackedProgram(network, analysis, name)
+
+
+ANALYSES: WeightCache[Analysis] = WeightCache(_analysis, tensors=masks)
+"""owner -> what its masks imply; recomputed only when a mask changes."""
+DENSE: WeightCache[DenseProgram] = WeightCache(_dense)
+"""owner -> its network with the masked products read; rebuilt when any weight changes."""
+PACKED: WeightCache[PackedProgram] = WeightCache(_packed)
+"""owner -> its packed network; rebuilt when any weight changes."""
+
+
+def _flat(x: Tensor, features: int, name: str) -> Tensor:
+    """`(B, T, 1)` to `(B, T)`."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] != features or x.shape[2] != 1:
+        raise ValueError(f"{name} must have shape (B, {features}, 1); got {tuple(getattr(x, 'shape', ()))}")
+    return x.reshape(x.shape[0], features)
+
+
+class MaskedARBlock:
+    r"""A library's masked autoregressive transform as a [`CausalMapBlock`][arflow_solvers.CausalMapBlock].
+
+    The library inverts such a transform by sweeps `x <- f^{-1}(z; params(x))` from `x = 0`;
+    `inverse_map` is one such sweep, evaluated as the library evaluates it, so the fixed
+    point of any solver is the library's answer (bit for bit in the exact mode). The core
+    works on `(B, T, 1)` with `T = F` in the **autoregressive order** the masks imply
+    (`self.order[t]` is the library index of position `t`): each position reads only earlier
+    ones. Grouped orders (features that do not read each other) and any acyclic connectivity
+    are sorted into such an order.
+
+    Subclasses implement `read_network` and `univariate_inverse`; `context` binds one
+    context vector for every sample (otherwise the solvers pass `cond`, `(B, C)`).
+
+    References:
+        MADE: Masked Autoencoder for Distribution Estimation (Germain et al., 2015),
+        https://arxiv.org/abs/1502.03509
+
+        Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017),
+        https://arxiv.org/abs/1705.07057
+
+    Arguments:
+        transform: the library's transform (a module; its weights are read once per solve).
+        bitwise: evaluate the network as the library does (`True`) or packed (`False`: less
+            work per pass, equal to float rounding).
+        context: `(C,)`: one context for every sample, or `None`.
+    """
+
+    def __init__(self, transform: nn.Module, *, bitwise: bool = True, context: Tensor | None = None):
+        if not isinstance(bitwise, bool):
+            raise TypeError(f"bitwise must be a bool; got {bitwise!r}")
+        if context is not None and (not isinstance(context, Tensor) or context.dim() != 1):
+            raise ValueError("context must be None or one context vector of shape (C,); pass per-sample "
+                             f"contexts as cond to the solver; got {tuple(getattr(context, 'shape', ()))}")
+        self.transform, self.bitwise, self.context = transform, bitwise, context
+        self.network = self.read_network(transform)
+        self._program: DenseProgram | PackedProgram | None = None
+        if self.network is None:  # opaque: called as the library calls it, assumed causal in its order
+            self.seq_len = self.opaque_features(transform)
+            self.order = self._position = torch.arange(self.seq_len)
+            self._identity = True
+        else:
+            analysis = ANALYSES(transform, self.network, self.name)
+            self.order, self._position, self._identity = analysis.order, analysis.position, analysis.identity
+            self.seq_len = self.network.features
+        if not bitwise:
+            self._check_packable()
+
+    # -- what a library supplies ---------------------------------------------------------
+
+    def read_network(self, transform: nn.Module) -> MaskedNetwork | None:
+        """The transform's network as a program of masked ops, or `None` for a network to call as is."""
+        raise NotImplementedError
+
+    def opaque_features(self, transform: nn.Module) -> int:
+        """`F` of a transform whose network `read_network` could not read."""
+        raise NotImplementedError
+
+    def call_network(self, x: Tensor, cond: Any) -> Tensor:
+        """The output of a network `read_network` could not read, for `(B, F)` inputs in library order."""
+        raise NotImplementedError
+
+    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
+        """The elementwise inverse, library layout: `(B, out)` network output and `(B, F)` noise to `(B, F)`."""
+        raise NotImplementedError
+
+    # -- the block -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The transform's class name, for messages."""
+        return type(self.transform).__name__
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The transform's parameters (the solvers check their device and dtype against the noise)."""
+        return self.transform.parameters()
+
+    def _check_packable(self) -> None:
+        if self.network is None:
+            raise ValueError(f"bitwise=False needs a masked network it can read in {self.name}")
+        check_sampleable(self.transform, self.name)
+        PACKED(self.transform, self.network, ANALYSES(self.transform, self.network, self.name), self.name)
+
+    def snapshot(self) -> "MaskedARBlock":
+        """This block for one solve: its masked products (or packed network) read once, now.
+
+        The solvers call it at the start of every solve, so weights updated between solves (by
+        an optimizer, or through `p.data` as an EMA does) are always seen; the transform is
+        never modified, so other threads may train or sample it meanwhile.
+
+        Raises:
+            ValueError: the transform has dropout or batch norm in training mode, or its masks
+                changed since this block was made (wrap it again).
+        """
+        check_sampleable(self.transform, self.name)
+        if torch.is_grad_enabled() or self.network is None:
+            return self
+        analysis = ANALYSES(self.transform, self.network, self.name)
+        if not torch.equal(analysis.order, self.order):
+            raise ValueError(f"{self.name}'s masks changed since it was wrapped (a state dict with other "
+                             "masks loaded?); wrap the flow again")
+        solving = copy.copy(self)
+        if self.bitwise:
+            solving._program = DENSE(self.transform, self.network, analysis)
+        else:
+            solving._program = PACKED(self.transform, self.network, analysis, self.name)
+        return solving
+
+    def _bind(self, cond: Any, batch: int) -> Any:
+        if self.context is None:
+            return cond
+        if cond is not None:
+            raise ValueError(f"{self.name} was wrapped with a context; do not also pass cond")
+        return self.context.expand(batch, -1)
+
+    def _network_output(self, x: Tensor, cond: Any) -> Tensor:
+        """The network's `(B, out)` output (library layout) for the `(B, F)` iterate in our order."""
+        program = self._program
+        if self.network is None:
+            return self.call_network(x, self._bind(cond, x.shape[0]))
+        if program is None:  # called outside a solve
+            analysis = ANALYSES(self.transform, self.network, self.name)
+            if not self.bitwise and not torch.is_grad_enabled():
+                program = PACKED(self.transform, self.network, analysis, self.name)
+            else:
+                program = DenseProgram(self.network, analysis)
+        return program(x, self._bind(cond, x.shape[0]))
+
+    def _to_order(self, values: Tensor) -> Tensor:
+        """Library-order `(B, F)` values in our order."""
+        return values if self._identity else values.index_select(1, self.order)
+
+    def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
+        """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
+        flat_x, flat_z = _flat(x, self.seq_len, "x"), _flat(z, self.seq_len, "z")
+        params = self._network_output(flat_x, cond)
+        if not self._identity:
+            flat_z = flat_z.index_select(1, self._position)
+        return self._to_order(self.univariate_inverse(params, flat_z)).reshape(x.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, features={self.seq_len})"
+
+
+class MaskedAffineBlock(MaskedARBlock):
+    r"""A masked transform whose inverse is affine, $x = \exp(\log\sigma)\, z + \mu$, for the metrics.
+
+    Subclasses also implement `univariate_affine` and set `shift_scale`, the parameter
+    indices (columns of the network's `param_rows`) of the shift and the raw scale, so that
+    `affine` (IGM) and `output_projection` (CRM) work. The solvers still iterate
+    `inverse_map`, computed as the library computes it.
+    """
+
+    shift_scale: tuple[int, int] = (0, 1)
+
+    def univariate_affine(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """`(B, out)` network output to the library-order `(mu, log_sigma)`, each `(B, F)`."""
+        raise NotImplementedError
+
+    def affine(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """`(mu, log_sigma)` of `x = exp(log_sigma) z + mu`, each `(B, T, 1)` in our order."""
+        mu, log_sigma = self.univariate_affine(self._network_output(_flat(x, self.seq_len, "x"), cond))
+        return self._to_order(mu).unsqueeze(-1), self._to_order(log_sigma).unsqueeze(-1)
+
+    def output_projection(self) -> tuple[Tensor, Tensor]:
+        """`(W_shift, W_scale)`: the masked rows of the last layer that produce the shift and the raw scale.
+
+        `mu` and `log_sigma` are smooth functions of these two linear outputs, so these are
+        the matrices a CRM-style contractivity estimate reads; each is `(T, hidden)`, rows
+        in our order.
+        """
+        final = self.network.final
+        weight = final.weight * final.mask
+        rows = self.network.param_rows.to(self.order.device)[self.order]
+        shift, scale = self.shift_scale
+        return weight[rows[:, shift]], weight[rows[:, scale]]

@@ -1,0 +1,179 @@
+"""Two evaluations of a masked network: exactly as its library computes it, or packed.
+
+Both take the iterate in the autoregressive order the masks imply (`(B, F)`, see
+[`analyse`][arflow_solvers.adapters._masked.network.analyse]) and return the network's
+output in the library's own layout (`(B, out)`), so the library's univariate inverse reads it
+as it would read its own.
+
+- [`DenseProgram`][arflow_solvers.adapters._masked.program.DenseProgram] runs the library's
+  operations in the library's order on the library's feature order, with each masked product
+  `weight * mask` read once per solve: bit for bit the library's output.
+- [`PackedProgram`][arflow_solvers.adapters._masked.program.PackedProgram] runs the same
+  function on feature-major activations with every layer's units sorted by degree, so each
+  masked layer becomes a few products over the prefixes of inputs its rows read
+  ([`PackedLinear`][arflow_solvers.adapters._masked.packed.PackedLinear]): less work, equal
+  to the library's output to float rounding (the sums run in another order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push
+from .packed import PackedLinear
+
+__all__ = ["DenseProgram", "PackedProgram", "products"]
+
+
+def products(network: MaskedNetwork) -> dict[int, Tensor]:
+    """`weight * mask` of every masked layer, keyed by the op's index (computed now)."""
+    return {i: op.layer.weight * op.layer.mask for i, op in enumerate(network.program)
+            if isinstance(op, (Masked, AddPopped)) and op.layer is not None}
+
+
+def _with_context(network: MaskedNetwork, x: Tensor, cond: Any, order: str | None = None) -> Tensor:
+    """`x` with the context columns the first layer reads, `network.context` (or `order`) first or last."""
+    order = network.context if order is None else order
+    if network.context is None:
+        return x
+    if not isinstance(cond, Tensor):
+        raise ValueError("this masked network reads a context: pass cond, a (B, "
+                         f"{network.context_features}) tensor; got {type(cond).__name__}")
+    return torch.cat([x, cond] if order == "append" else [cond, x], dim=-1)
+
+
+class DenseProgram:
+    """The network as its library evaluates it: same products, operations and order.
+
+    Arguments:
+        network: the description.
+        analysis: what its masks imply (the order the iterate comes in).
+        weights: the masked products by op index (from
+            [`products`][arflow_solvers.adapters._masked.program.products]), or `None` to
+            compute them at every call (with autograd, for calls outside a solve).
+    """
+
+    def __init__(self, network: MaskedNetwork, analysis: Analysis, weights: dict[int, Tensor] | None = None):
+        self.network, self.analysis, self.weights = network, analysis, weights
+
+    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout."""
+        if not self.analysis.identity:
+            x = x.index_select(1, self.analysis.position)
+        return self.run(x, cond)
+
+    def run(self, x: Tensor, cond: Any = None) -> Tensor:
+        """`(B, F)` inputs in library order to the `(B, out)` output."""
+        network = self.network
+        weights = products(network) if self.weights is None else self.weights
+        h = x if network.preprocess is None else network.preprocess(x)
+        h = _with_context(network, h, cond)
+        stack: list[Tensor] = []
+        for index, op in enumerate(network.program):
+            if isinstance(op, Masked):
+                h = F.linear(h, weights[index], op.layer.bias)
+            elif isinstance(op, Apply):
+                h = op.fn(h)
+            elif isinstance(op, Context):
+                if cond is None:  # as nflows' MADE does: a conditional layer called without context
+                    continue
+                extra = op.fn(cond)
+                h = h + extra if op.mode == "add" else F.glu(torch.cat((h, extra), dim=1), dim=1)
+            elif isinstance(op, Push):
+                stack.append(h)
+            elif op.layer is None:
+                h = stack.pop() + h
+            else:
+                h = h + F.linear(stack.pop(), weights[index], op.layer.bias)
+        return h
+
+
+class PackedProgram:
+    """The network on feature-major activations, every layer packed in degree order.
+
+    Raises `ValueError` naming what cannot be packed: per-unit ops (batch norm), input
+    preprocessing, or masks that are not triangular once sorted by degree (connectivity
+    that is not nested, such as a general DAG).
+
+    Arguments:
+        network: the description.
+        analysis: its masks' order and degrees.
+        name: what to name in errors.
+        group_rows: rows per packed product group (see `PackedLinear.pack`).
+    """
+
+    def __init__(self, network: MaskedNetwork, analysis: Analysis, name: str = "the network",
+                 group_rows: int = 192):
+        if network.preprocess is not None:
+            raise ValueError(f"bitwise=False cannot pack {name}: it preprocesses its inputs per feature")
+        self.network, self.analysis = network, analysis
+        features, position = network.features, analysis.position
+        source = torch.cat([position, features + torch.arange(network.context_features, device=position.device)])
+        if network.context == "prepend":
+            source = torch.cat([source[features:], source[:features]])
+        order = analysis.input_order
+        self.input_index = source[order]
+        if bool(torch.equal(self.input_index, torch.arange(len(order), device=order.device))):
+            self.input_index = None
+        steps: list[tuple] = []
+        for index, op in enumerate(network.program):
+            if isinstance(op, Masked):
+                rows, cols = analysis.unit_orders[index]
+                steps.append(("linear", self._pack(op.layer, rows, cols, name, group_rows)))
+                order = rows
+            elif isinstance(op, Apply):
+                if not op.pointwise:
+                    what = getattr(op.fn, "__name__", type(op.fn).__name__)
+                    raise ValueError(f"bitwise=False cannot pack {name}: its {what} acts per unit "
+                                     "(batch norm?), which needs the library's layout")
+                steps.append(("apply", op.fn))
+            elif isinstance(op, Context):
+                steps.append(("context", op.fn, order, op.mode))
+            elif isinstance(op, Push):
+                steps.append(("push",))
+            elif op.layer is None:
+                steps.append(("add",))
+            else:
+                rows, cols = analysis.unit_orders[index]
+                steps.append(("skip", self._pack(op.layer, rows, cols, name, group_rows)))
+        self.steps = tuple(steps)
+        identity = bool(torch.equal(order, torch.arange(len(order), device=order.device)))
+        self.output_rows = None if identity else order
+
+    @staticmethod
+    def _pack(layer: Any, rows: Tensor, cols: Tensor, name: str, group_rows: int) -> PackedLinear:
+        try:
+            return PackedLinear.pack(layer.weight.detach(), layer.mask, layer.bias, rows, cols, group_rows)
+        except ValueError as error:
+            raise ValueError(f"bitwise=False cannot pack {name}: {error} (its connectivity is not "
+                             "nested, e.g. a general adjacency)") from error
+
+    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout."""
+        source = _with_context(self.network, x, cond, "append")  # input_index reads [x, cond]
+        h = (source if self.input_index is None else source.index_select(1, self.input_index)).T.contiguous()
+        stack: list[Tensor] = []
+        for step in self.steps:
+            kind = step[0]
+            if kind == "linear":
+                h = step[1](h)
+            elif kind == "apply":
+                h = step[1](h)
+            elif kind == "context":
+                if cond is None:
+                    continue
+                extra = step[1](cond).index_select(1, step[2]).T
+                h = h + extra if step[3] == "add" else F.glu(torch.cat((h, extra), dim=0), dim=0)
+            elif kind == "push":
+                stack.append(h)
+            elif kind == "add":
+                h = stack.pop() + h
+            else:
+                h = h + step[1](stack.pop())
+        if self.output_rows is None:
+            return h.T.contiguous()
+        return h.new_empty(h.shape[1], h.shape[0]).index_copy_(1, self.output_rows, h.T)
