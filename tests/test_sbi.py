@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,26 +13,14 @@ pytest.importorskip("sbi")
 from sbi.inference import NPE  # noqa: E402
 from sbi.utils import BoxUniform  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from sbi_posterior import Untracked  # noqa: E402  (an sbi tracker that writes no logs)
+
 from arflow_solvers import Jacobi  # noqa: E402
 from arflow_solvers.adapters.sbi import proposal, sample  # noqa: E402
 
 D = 3
-
-
-class Untracked:
-    """An sbi tracker that logs nothing (sbi's default writes TensorBoard logs into ./sbi-logs)."""
-
-    log_dir = None
-
-    def log_metric(self, name, value, step=None): ...
-
-    def log_metrics(self, metrics, step=None): ...
-
-    def log_params(self, params): ...
-
-    def add_figure(self, name, figure, step=None): ...
-
-    def flush(self): ...
 
 
 def _posterior(model: str):
