@@ -14,16 +14,10 @@ from arflow_solvers.adapters.normflows import (  # noqa: E402
     NormflowsAffineBlock, NormflowsARBlock, forward, inverse, log_prob, sample, wrap,
 )
 from arflow_solvers.testing import check_block  # noqa: E402
+from toys import randomise  # noqa: E402
 
 F64 = torch.float64
 EXACT = Jacobi(tol=0.0)
-
-
-def _randomise(model: torch.nn.Module, seed: int, gain: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(gain * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _model(features, layers, hidden, blocks, bins, context, permute_mask, seed):
@@ -44,7 +38,7 @@ def _model(features, layers, hidden, blocks, bins, context, permute_mask, seed):
     else:
         model = nf.NormalizingFlow(nf.distributions.DiagGaussian(features), flows)
     model = model.double()
-    _randomise(model, seed)
+    randomise(model, seed, 0.3)
     return model.eval()
 
 

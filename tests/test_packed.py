@@ -18,6 +18,7 @@ from nflows.transforms import (  # noqa: E402
 )
 
 from arflow_solvers.adapters._masked import PackedLinear, degree_order  # noqa: E402
+from toys import randomise  # noqa: E402
 from arflow_solvers.adapters.nflows import NflowsAffineBlock, sample, wrap  # noqa: E402
 from arflow_solvers import Jacobi, solve_inverse  # noqa: E402
 
@@ -55,10 +56,8 @@ def test_a_mask_that_is_not_triangular_in_degree_order_is_refused():
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
     """Every weight random (residual blocks start near zero in nflows), scales near 1."""
-    gen = torch.Generator().manual_seed(seed)
+    randomise(module, seed, 0.3)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=gen, dtype=parameter.dtype))
         for m in module.modules():
             if isinstance(m, MaskedAffineAutoregressiveTransform):
                 m.autoregressive_net.final_layer.bias[0::2] += 0.5413

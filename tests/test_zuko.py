@@ -16,21 +16,14 @@ from zuko.distributions import DiagNormal  # noqa: E402
 from zuko.transforms import PermutationTransform  # noqa: E402
 
 from arflow_solvers import (  # noqa: E402
-    AffineARBlock, CausalMapBlock, GSJacobi, Jacobi, Serial, init, solve, solve_inverse,
+    AffineARBlock, CausalMapBlock, GSJacobi, Jacobi, Serial, init, solve_inverse,
 )
 from arflow_solvers.adapters.zuko import ZukoAffineBlock, ZukoARBlock, ar_block, inverse, sample, wrap  # noqa: E402
 from arflow_solvers.testing import check_block  # noqa: E402
+from toys import randomise  # noqa: E402
 
 F64 = torch.float64
 EXACT = Jacobi(tol=0.0)
-
-
-def _randomise(flow: torch.nn.Module, seed: int, gain: float = 0.4) -> None:
-    """Weights far from zuko's near-identity initialisation, so every layer matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.copy_(gain * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _zuko_inverse(flow, z, c=None):
@@ -59,7 +52,7 @@ def test_exact_mode_is_zukos_inverse_bit_for_bit(seed, spline, features, transfo
     options = dict(bins=4) if spline else {}
     flow = kind(features, context, transforms=transforms, randperm=randperm, passes=passes,
                 hidden_features=hidden, residual=residual, **options).double()
-    _randomise(flow, seed)
+    randomise(flow, seed, 0.4)
     c = torch.randn(*batch[-1:], context, dtype=F64) if context else None
     z = torch.randn(*batch, features, dtype=F64)
     expected = _zuko_inverse(flow, z, c)
@@ -76,7 +69,7 @@ def test_exact_mode_is_zukos_inverse_bit_for_bit(seed, spline, features, transfo
 def test_sample_mirrors_zukos_sample_with_and_without_context():
     torch.manual_seed(0)
     flow = NSF(4, 2, transforms=2, bins=4, hidden_features=[16])
-    _randomise(flow, 1, gain=0.3)
+    randomise(flow, 1, 0.3)
     for c, shape in ((torch.randn(2), (7,)), (torch.randn(3, 2), (5,)), (torch.randn(2), (2, 3))):
         torch.manual_seed(3)
         expected = flow(c).sample(shape)
@@ -121,7 +114,7 @@ def test_grouped_orders_and_adjacency_graphs():
     adjacency = torch.eye(5, dtype=torch.bool)
     adjacency[3, 0] = adjacency[1, 3] = adjacency[4, 1] = adjacency[2, 0] = True  # 0 -> 3 -> 1 -> 4, 0 -> 2
     dag = MaskedAutoregressiveTransform(5, adjacency=adjacency).double()
-    _randomise(dag, 2)
+    randomise(dag, 2, 0.4)
     z = torch.randn(6, 5, dtype=F64)
     assert ar_block(dag).order.tolist() == [0, 2, 3, 1, 4]
     assert torch.equal(inverse(dag, z, EXACT), _zuko_inverse(dag, z))
@@ -142,7 +135,7 @@ def test_other_univariates_and_transforms_in_between():
          second.inv, second, zuko.flows.ElementWiseTransform(4, 2)],
         UnconditionalDistribution(DiagNormal, torch.zeros(4), torch.ones(4), buffer=True),
     ).double()
-    _randomise(mixed, 3, gain=0.3)
+    randomise(mixed, 3, 0.3)
     c, z = torch.randn(5, 2, dtype=F64), torch.randn(5, 4, dtype=F64)
     assert wrap(mixed).num_blocks == 2
     assert torch.equal(inverse(mixed, z, EXACT, c), _zuko_inverse(mixed, z, c))
@@ -204,7 +197,7 @@ def test_training_mode_dropout_or_batch_norm_is_refused_by_name():
 def test_weight_updates_are_always_seen(bitwise):
     torch.manual_seed(0)
     flow = MAF(4, 2, transforms=2).double()
-    _randomise(flow, 0, gain=0.3)
+    randomise(flow, 0, 0.3)
     c, z = torch.randn(2, dtype=F64), torch.randn(6, 4, dtype=F64)
     plan = EXACT if bitwise else Jacobi(tol=1e-10)
     wrapped = wrap(flow, c, bitwise=bitwise)
@@ -235,7 +228,7 @@ def test_blocks_pass_the_conformance_checks_in_float64():
                                (MaskedAutoregressiveTransform(5, 3, passes=2), False),
                                (NSF(5, 3, transforms=1, bins=4).transform.transforms[0], True)):
         transform = transform.double()
-        _randomise(transform, 1, gain=0.3)
+        randomise(transform, 1, 0.3)
         block = ar_block(transform, bitwise=bitwise)
         z = torch.randn(3, 5, 1, dtype=F64)
         check_block(block, z, cond=torch.randn(3, 3, dtype=F64))
@@ -244,7 +237,7 @@ def test_blocks_pass_the_conformance_checks_in_float64():
 def test_affine_blocks_expose_mu_log_sigma_and_the_output_projection():
     torch.manual_seed(0)
     transform = MaskedAutoregressiveTransform(4, order=[3, 2, 1, 0], hidden_features=[16]).double()
-    _randomise(transform, 0, gain=0.3)
+    randomise(transform, 0, 0.3)
     block = ar_block(transform)
     x = torch.randn(5, 4, dtype=F64)
     with torch.no_grad():

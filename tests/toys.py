@@ -131,6 +131,14 @@ def load_for_planning(path: str, batch: int, seed: int, device: str):
     return Flow([blocks[0], Permute(list(range(9, -1, -1))), blocks[1]]), z, None
 
 
+def randomise(module: torch.nn.Module, seed: int, gain: float = 0.3) -> None:
+    """Every parameter drawn from `gain * N(0, 1)`, reproducibly: far from near-identity inits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(gain * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 def tiny_tarflow(dtype=torch.float64, num_classes=3, nvp=True, seed=0, layers=2):
     """A small random TarFlow (8x8 images, 2x2 patches: T=16, D=4) whose blocks do something.
 
