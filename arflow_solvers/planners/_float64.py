@@ -13,7 +13,7 @@ from ..metrics import max_abs_error
 from ..solve import solve
 from ..solvers import Jacobi
 
-__all__ = ["in_float64", "serial_floor"]
+__all__ = ["in_float64", "float64_answer", "serial_floor"]
 
 
 def _cast(obj: Any, seen: set[int]) -> None:
@@ -52,22 +52,28 @@ def in_float64(flow: Flow) -> Flow | None:
         return None
 
 
-def serial_floor(flow: Flow, z: Tensor, cond: Any, reference: Tensor) -> float | None:
-    """Max-abs distance of `reference` (serial in `z`'s dtype) from the float64 answer.
-
-    `0.0` when `z` is already float64; `None` when the flow cannot be copied to float64 (then
-    no floor is known).
-    """
-    if z.dtype == torch.float64:
-        return 0.0
+def float64_answer(flow: Flow, z: Tensor, cond: Any) -> Tensor | None:
+    """The flow's answer for `z` computed in float64; `None` when the flow cannot be copied to
+    float64 or one of its blocks refuses it."""
     twin = in_float64(flow)
     if twin is None:
         return None
     try:  # Jacobi at the bound is serial's answer (to float64 rounding), in far fewer passes
-        truth = solve(twin, z.double(), Jacobi(tol=0.0), cond=_double(cond), throw=False).x
+        return solve(twin, z.double(), Jacobi(tol=0.0), cond=_double(cond), throw=False).x
     except Exception:  # noqa: BLE001 - a block that refuses float64 has no floor either
         return None
-    return max_abs_error(reference.double(), truth)
+
+
+def serial_floor(flow: Flow, z: Tensor, cond: Any, reference: Tensor, truth: Tensor | None = None) -> float | None:
+    """Max-abs distance of `reference` (serial in `z`'s dtype) from the float64 answer.
+
+    `truth` is that answer when the caller has it already. `0.0` when `z` is already float64;
+    `None` when no float64 answer can be had (then no floor is known).
+    """
+    if z.dtype == torch.float64:
+        return 0.0
+    truth = float64_answer(flow, z, cond) if truth is None else truth
+    return None if truth is None else max_abs_error(reference.double(), truth)
 
 
 def _double(value: Any) -> Any:
