@@ -262,17 +262,17 @@ class CalibratedPlanner:
             return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
 
         validated = error_of(chosen)
+        kept = validated <= self.max_error
         default = [1] * len(chosen)  # Jacobi(tol) on every block
-        default_error = validated if chosen == default else error_of(default)
-        default_ok = default_error <= self.max_error
-        default_no_slower = chosen != default and seconds_of(default) <= seconds_of(chosen)
-        if validated <= self.max_error and not (default_ok and default_no_slower):
+        if chosen != default and (not kept or seconds_of(default) <= seconds_of(chosen)):
+            default_error = error_of(default)
+            if default_error <= self.max_error:
+                reason = ("is modelled no slower than the calibrated one" if kept
+                          else f"while the calibrated one missed it ({validated:.3g})")
+                return default, default_error, True, (
+                    f"the default plan met max_error on the held-out samples and {reason}, so it is returned")
+        if kept:
             return chosen, validated, True, ""
-        if default_ok and chosen != default:
-            reason = ("is modelled no slower than the calibrated one" if validated <= self.max_error
-                      else f"while the calibrated one missed it ({validated:.3g})")
-            return default, default_error, True, (
-                f"the default plan met max_error on the held-out samples and {reason}, so it is returned")
         exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
         return exact, error_of(exact), False, self._missed(validated)
 
