@@ -116,6 +116,10 @@ class NormflowsARBlock(MaskedARBlock):
         """normflows' `_elementwise_inverse(z, params)`."""
         return self.transform._elementwise_inverse(z, params)[0]
 
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """The log-determinant of normflows' `_elementwise_inverse(z, params)`."""
+        return self.transform._elementwise_inverse(z, params)[1]
+
     def inverse_and_log_det(self, x: Tensor, z: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """The last sweep at the fixed point `x` (library order, `(B, F)`): normflows' `(x, log|det|)`."""
         params = self._network_output(self._to_order(x), cond)

@@ -56,7 +56,8 @@ except ImportError as error:  # pragma: no cover - exercised only without zuko
 from ._masked import (AddPopped, Masked, MaskedAffineBlock, MaskedARBlock, MaskedNetwork, Push,
                       check_sampleable, pointwise, sampling_steps)
 
-__all__ = ["ZukoARBlock", "ZukoAffineBlock", "ZukoStep", "ar_block", "inverse", "sample", "wrap"]
+__all__ = ["ZukoARBlock", "ZukoAffineBlock", "ZukoStep", "ar_block", "inverse", "rsample", "rsample_and_log_prob",
+           "sample", "wrap"]
 
 _SUPPORTED = ("arflow_solvers.adapters.zuko solves zuko's MaskedAutoregressiveTransform (any univariate, "
               "order, passes, adjacency or context) and applies every other lazy transform as zuko does")
@@ -126,6 +127,10 @@ class ZukoARBlock(MaskedARBlock):
         """`univariate(*unpack(params)).inv(z)`, as zuko's `meta(x).inv(z)` computes it."""
         return self._univariate(params).inv(z)
 
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """Minus zuko's `log |dz/dx|` of the univariate transformation."""
+        return -self._univariate(params).log_abs_det_jacobian(x, z).sum(1)
+
     def _univariate(self, params: Tensor) -> Any:
         phi = unpack(params.unflatten(-1, (-1, self.total)), self.transform.shapes)
         return self.transform.univariate(*phi)
@@ -189,6 +194,11 @@ class ZukoStep:
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         check_sampleable(self.transform)
         return self.transform(self.context if cond is None else cond).inv(x)
+
+    def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """zuko's `transform(c).inv.call_and_ladj(x)`."""
+        check_sampleable(self.transform)
+        return self.transform(self.context if cond is None else cond).inv.call_and_ladj(x)
 
     def __repr__(self) -> str:
         return f"ZukoStep({type(self.transform).__name__})"
@@ -269,7 +279,8 @@ def inverse(flow: Any, z: Tensor, plan: Any, context: Tensor | None = None, *, b
 
     `z` (`(*, F)`) and `context` (`(*, C)`) broadcast against each other as zuko broadcasts
     them; the samples are flattened into one batch, solved with one context row each, and
-    reshaped back.
+    reshaped back. Runs under `torch.no_grad()`; [`rsample`][arflow_solvers.adapters.zuko.rsample]
+    differentiates.
 
     Arguments:
         flow: a zuko `Flow` or lazy transform.
@@ -284,6 +295,13 @@ def inverse(flow: Any, z: Tensor, plan: Any, context: Tensor | None = None, *, b
     Returns:
         `(*, F)` data (the broadcast batch shape), or `(x, solution)`.
     """
+    with torch.no_grad():
+        x, solution = _solve_broadcast(flow, z, plan, context, bitwise=bitwise, throw=throw)
+    return (x, solution) if return_solution else x
+
+
+def _solve_broadcast(flow: Any, z: Tensor, plan: Any, context: Tensor | None, **options: Any) -> tuple[Tensor, Any]:
+    """`solve` over the broadcast batch of `z` (`(*, F)`) and `context` (`(*, C)`); `x` has that batch shape."""
     if not isinstance(z, Tensor) or z.dim() < 1:
         raise ValueError(f"z must be a tensor of shape (*, F); got {getattr(z, 'shape', type(z).__name__)}")
     features = z.shape[-1]
@@ -293,10 +311,9 @@ def inverse(flow: Any, z: Tensor, plan: Any, context: Tensor | None = None, *, b
         batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
         cond = context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
     flat = z.expand(*batch, features).reshape(-1, features)
-    with torch.no_grad():
-        solution = solve(wrap(flow, bitwise=bitwise), flat, plan, cond=cond, throw=throw)
-    x = solution.x.reshape(*batch, features)
-    return (x, solution) if return_solution else x
+    bitwise = options.pop("bitwise")
+    solution = solve(wrap(flow, bitwise=bitwise), flat, plan, cond=cond, **options)
+    return solution.x.reshape(*batch, features), solution
 
 
 def sample(flow: ZukoFlow, shape: Sequence[int] | int, plan: Any, context: Tensor | None = None, *,
@@ -338,3 +355,77 @@ def sample(flow: ZukoFlow, shape: Sequence[int] | int, plan: Any, context: Tenso
         base = flow(context).base
         z = base.rsample(shape) if base.has_rsample else base.sample(shape)
     return inverse(flow, z, plan, context, bitwise=bitwise, return_solution=return_solution, throw=throw)
+
+
+def rsample(flow: ZukoFlow, shape: Sequence[int] | int, plan: Any, context: Tensor | None = None, *,
+            bitwise: bool = True, adjoint_tol: float = 0.0, return_solution: bool = False,
+            throw: bool = True) -> Any:
+    """`flow(context).rsample(shape)`: samples differentiable w.r.t. the flow's parameters and the context.
+
+    Each autoregressive inverse is solved by `plan` and differentiated by its implicit adjoint
+    (see [`arflow_solvers.adjoint`][arflow_solvers.adjoint]) instead of through zuko's
+    `passes` network calls: memory of one network evaluation per transform, whatever the
+    number of features. Gradients equal those through zuko's loop to float rounding.
+
+    Arguments:
+        flow: the zuko `Flow`.
+        shape: the sample shape; an int `n` means `(n,)`.
+        plan: a [`Plan`][arflow_solvers.Plan], a plan string or one solver.
+        context: the context, `(C,)` or `(*, C)`, or `None`.
+        bitwise: `False` evaluates the networks packed in the forward solves.
+        adjoint_tol: relative tolerance of the backward solves (`0`: to their exactness bound).
+        return_solution: also return the [`Solution`][arflow_solvers.Solution] (its
+            `adjoint` statistics fill in when backward runs).
+        throw: raise if some sample is not finite.
+
+    Returns:
+        `shape + batch_shape + (F,)` samples, or `(samples, solution)`.
+
+    Examples:
+        >>> import torch, zuko
+        >>> from arflow_solvers import Jacobi
+        >>> _ = torch.manual_seed(0)
+        >>> maf = zuko.flows.MAF(4, transforms=2)
+        >>> x = rsample(maf, (16,), Jacobi(tol=0.0))
+        >>> loss = x.square().mean()
+        >>> loss.backward()  # gradients for every parameter of maf
+        >>> all(p.grad is not None for p in maf.parameters())
+        True
+    """
+    x, _, solution = _reparameterised(flow, shape, plan, context, bitwise, adjoint_tol, throw, False)
+    return (x, solution) if return_solution else x
+
+
+def rsample_and_log_prob(flow: ZukoFlow, shape: Sequence[int] | int, plan: Any,
+                         context: Tensor | None = None, *, bitwise: bool = True, adjoint_tol: float = 0.0,
+                         return_solution: bool = False, throw: bool = True) -> Any:
+    """`flow(context).rsample_and_log_prob(shape)`: samples and their log-density, both differentiable.
+
+    The log-density is the base's log-density of the noise minus each step's
+    log-determinant at the solution (one more network evaluation per transform); the
+    variational-inference loss `log_prob - log p(x)` differentiates through both. Arguments
+    as for [`rsample`][arflow_solvers.adapters.zuko.rsample].
+
+    Returns:
+        `(samples, log_prob)` with shapes `shape + batch_shape + (F,)` and
+        `shape + batch_shape`, or `(samples, log_prob, solution)`.
+    """
+    x, log_prob, solution = _reparameterised(flow, shape, plan, context, bitwise, adjoint_tol, throw, True)
+    return (x, log_prob, solution) if return_solution else (x, log_prob)
+
+
+def _reparameterised(flow: ZukoFlow, shape: Sequence[int] | int, plan: Any, context: Tensor | None,
+                     bitwise: bool, adjoint_tol: float, throw: bool, with_log_prob: bool) -> tuple:
+    if not isinstance(flow, ZukoFlow):
+        raise TypeError(f"flow must be a zuko Flow; got {type(flow).__name__}")
+    base = flow(context).base
+    if not base.has_rsample:
+        raise ValueError(f"the base distribution {type(base).__name__} of this flow has no rsample, so its "
+                         "samples cannot be reparameterised")
+    z = base.rsample(Size((shape,) if isinstance(shape, int) else shape))
+    x, solution = _solve_broadcast(flow, z, plan, context, bitwise=bitwise, throw=throw,
+                                   adjoint_tol=adjoint_tol, log_prob=with_log_prob)
+    if not with_log_prob:
+        return x, None, solution
+    batch = x.shape[:-1]
+    return x, base.log_prob(z).expand(batch) - solution.log_det.reshape(batch), solution

@@ -121,6 +121,10 @@ class Permute:
                              f"{tuple(x.shape)}; expected (B, {len(self.order)}, ...)")
         return x[:, self.order.to(x.device)]
 
+    def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """The permuted `x` and its log |det|, zero: a permutation preserves volume."""
+        return self(x, cond), x.new_zeros(x.shape[0])
+
     def __repr__(self) -> str:
         shown = self.order.tolist()
         text = ", ".join(map(str, shown[:6])) + (", ..." if len(shown) > 6 else "")

@@ -60,6 +60,10 @@ class CausalMapBlock(Protocol):
     fixed point is bit-identical to that library's sampler. Row `t` of the result may depend
     on `x[:, :t]` and `z[:, t]` only. When a block has both `affine` and `inverse_map`, the
     solvers use `inverse_map`.
+
+    For `solve(..., log_prob=True)` such a block also defines `log_det(x, z, cond)`: the
+    `(B,)` log |det dx/dz| of its sampling map at the solution `x` for noise `z` (an affine
+    block needs none: the solver sums its `log_sigma`).
     """
 
     seq_len: int

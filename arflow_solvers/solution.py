@@ -153,6 +153,10 @@ class Solution:
         adjoint: for a differentiable solve, one `AdjointStats` per block (see
             [`arflow_solvers.adjoint`][arflow_solvers.adjoint]), filled in when backward runs;
             empty otherwise.
+        log_prob: with `solve(..., log_prob=...)`, the `(B,)` log-density of each sample
+            (differentiable like `x`); `None` otherwise.
+        log_det: with `log_prob`, the `(B,)` log |det dx/dz| of the whole sampling map;
+            `log_prob` is the base log-density of `z` minus it.
     """
 
     x: Tensor
@@ -160,6 +164,8 @@ class Solution:
     blocks: tuple[BlockStats, ...] = field(default_factory=tuple)
     wall_time: float = 0.0
     adjoint: tuple = field(default_factory=tuple)
+    log_prob: Tensor | None = None
+    log_det: Tensor | None = None
 
     @property
     def passes(self) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from .adjoint import AdjointStats, differentiable_solve, wants_gradients
+from .density import block_log_det, standard_normal_log_prob, step_with_log_det
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
 from ._evaluate import select_rows
@@ -19,6 +21,7 @@ from .stopping import StoppingRule, check_tolerance
 __all__ = ["solve", "solve_inverse"]
 
 BlockOrFlow = Union[Flow, Any]
+LogProb = Union[bool, Callable[[Tensor], Tensor]]
 
 
 def solve(
@@ -30,6 +33,7 @@ def solve(
     throw: bool = True,
     max_batch: int | None = None,
     adjoint_tol: float = 0.0,
+    log_prob: LogProb = False,
 ) -> Solution:
     """Invert an autoregressive block or a whole flow for noise `z`, with statistics.
 
@@ -54,6 +58,11 @@ def solve(
             the same whatever `max_batch` is, up to the rounding of the batch shapes.
         adjoint_tol: relative tolerance of the backward (adjoint) solves; `0` iterates each
             until it stops changing or reaches its exactness bound.
+        log_prob: also compute the log-density of each sample (`Solution.log_prob` and
+            `Solution.log_det`, see [`arflow_solvers.density`][arflow_solvers.density]): `True`
+            for a standard normal base over all non-batch elements of `z`, or a function
+            `z -> (B,)` giving the base log-density. Costs one more evaluation per block, at
+            its solution; every step of a flow must then give its log-determinant.
 
     Gradients: when autograd is recording and `z`, a floating tensor of `cond` or a parameter
     of a block (`block.parameters()`) requires grad, the result is differentiable. Each block's
@@ -61,7 +70,8 @@ def solve(
     on vector-Jacobian products of one evaluation at the solution (see
     [`arflow_solvers.adjoint`][arflow_solvers.adjoint]), whatever solver the plan uses; its
     statistics land in `Solution.adjoint` when backward runs. Other steps differentiate as
-    ordinary torch code. Double backward is not supported. Otherwise the solve records no graph.
+    ordinary torch code, and so does `log_prob`. Double backward is not supported. Otherwise
+    the solve records no graph.
 
     Returns:
         A [`Solution`][arflow_solvers.Solution].
@@ -81,41 +91,76 @@ def solve(
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)
     check_tolerance("adjoint_tol", adjoint_tol)
+    base = _base_log_prob(log_prob)
     check_noise(z, allow_nonfinite=not throw)
     if max_batch is not None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be None or an int >= 1; got {max_batch!r}")
         if z.shape[0] > max_batch:
-            return _solve_in_chunks(flow, z, chosen, cond, throw, max_batch, adjoint_tol)
+            return _solve_in_chunks(flow, z, chosen, cond, throw, max_batch, adjoint_tol, log_prob)
     began = time.perf_counter()
-    stats: list[BlockStats] = []
-    adjoints: list[AdjointStats] = []
     differentiable = wants_gradients(list(flow.blocks), z, cond)
     rule = StoppingRule(adjoint_tol, 0.0) if differentiable else None
-    x = z
     with torch.set_grad_enabled(differentiable):
-        if z.shape[0] > 0:
-            for step in flow:
-                if not is_ar_block(step):
-                    x = step(x, cond)
-                    continue
-                index = len(stats)
-                check_block_input(step, x, index)
-                solver = chosen.solver_for(index)
-                if differentiable:
-                    x, block_stats, adjoint = differentiable_solve(solver, step, x, cond, index, rule)
-                    adjoints.append(adjoint)
-                else:
-                    x, block_stats = solver.solve(step, x, cond, index)
-                stats.append(block_stats)
+        x, stats, adjoints, log_det = _run(flow, z, chosen, cond, rule, base is not None)
+        density = None if base is None else _density(base, z, log_det)
     status = max((b.worst for b in stats), default=Status.CONVERGED)
     if not bool(torch.isfinite(x).all()):
         status = max(status, Status.NONFINITE)
     solution = Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began,
-                        adjoint=tuple(adjoints))
+                        adjoint=tuple(adjoints), log_prob=density, log_det=log_det)
     if throw and not status.usable:
         raise SolveError(status, solution)
     return solution
+
+
+def _run(flow: Flow, z: Tensor, plan: Any, cond: Any, rule: StoppingRule | None,
+         with_density: bool) -> tuple[Tensor, list[BlockStats], list[AdjointStats], Tensor | None]:
+    """Every step in turn; a `rule` makes each block's solve differentiable (the adjoint's stopping rule)."""
+    stats: list[BlockStats] = []
+    adjoints: list[AdjointStats] = []
+    log_det = z.new_zeros(z.shape[0]) if with_density else None
+    x = z
+    if z.shape[0] == 0:
+        return x, stats, adjoints, log_det
+    for position, step in enumerate(flow):
+        if not is_ar_block(step):
+            if log_det is None:
+                x = step(x, cond)
+            else:
+                x, step_log_det = step_with_log_det(step, x, cond, position)
+                log_det = log_det + step_log_det
+            continue
+        index, noise = len(stats), x
+        check_block_input(step, x, index)
+        solver = plan.solver_for(index)
+        if rule is not None:
+            x, block_stats, adjoint = differentiable_solve(solver, step, noise, cond, index, rule)
+            adjoints.append(adjoint)
+        else:
+            x, block_stats = solver.solve(step, noise, cond, index)
+        stats.append(block_stats)
+        if log_det is not None:
+            log_det = log_det + block_log_det(step, x, noise, cond, index)
+    return x, stats, adjoints, log_det
+
+
+def _base_log_prob(log_prob: LogProb) -> Callable[[Tensor], Tensor] | None:
+    if log_prob is False:
+        return None
+    if log_prob is True:
+        return standard_normal_log_prob
+    if not callable(log_prob):
+        raise TypeError(f"log_prob must be a bool or a function z -> (B,) log-density; got {log_prob!r}")
+    return log_prob
+
+
+def _density(base: Callable[[Tensor], Tensor], z: Tensor, log_det: Tensor) -> Tensor:
+    base_log_prob = base(z)
+    if not isinstance(base_log_prob, Tensor) or base_log_prob.shape != log_det.shape:
+        raise ValueError(f"log_prob's base density must return shape {tuple(log_det.shape)} for z of shape "
+                         f"{tuple(z.shape)}; got {tuple(getattr(base_log_prob, 'shape', ()))}")
+    return base_log_prob - log_det
 
 
 def solve_inverse(
@@ -147,13 +192,13 @@ def solve_inverse(
 
 
 def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, max_batch: int,
-                     adjoint_tol: float) -> Solution:
+                     adjoint_tol: float, log_prob: LogProb) -> Solution:
     began = time.perf_counter()
     parts = []
     for start in range(0, z.shape[0], max_batch):
         rows = torch.arange(start, min(start + max_batch, z.shape[0]), device=z.device)
         parts.append(solve(flow, z[rows], plan, cond=select_rows(cond, rows, z.shape[0]), throw=False,
-                           adjoint_tol=adjoint_tol))
+                           adjoint_tol=adjoint_tol, log_prob=log_prob))
     blocks = tuple(merge_block_stats([p.blocks[i] for p in parts]) for i in range(len(parts[0].blocks)))
     solution = Solution(
         x=torch.cat([p.x for p in parts]),
@@ -161,10 +206,16 @@ def _solve_in_chunks(flow: Flow, z: Tensor, plan: Any, cond: Any, throw: bool, m
         blocks=blocks,
         wall_time=time.perf_counter() - began,
         adjoint=tuple(a for p in parts for a in p.adjoint),
+        log_prob=_cat([p.log_prob for p in parts]),
+        log_det=_cat([p.log_det for p in parts]),
     )
     if throw and not solution.status.usable:
         raise SolveError(solution.status, solution)
     return solution
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
 
 
 def _single(block: Any) -> Flow:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "synchronizer", "timed_rounds", "time_summary", "write_json", "loadavg"]
+__all__ = ["environment", "synchronizer", "timed_rounds", "time_summary", "write_json", "loadavg", "peak_rss_growth_mib"]
 
 
 def loadavg() -> list[float] | None:
@@ -23,6 +23,27 @@ def loadavg() -> list[float] | None:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         return None
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_growth_mib(fn: Callable[[], Any]) -> float:
+    """How far the resident set grew above its level before `fn()` at its peak, in MiB.
+
+    Uses the peak of this process's own memory map (`VmHWM`, reset through
+    `/proc/self/clear_refs`), not `getrusage`'s `ru_maxrss`, which a child process inherits
+    from its parent across `fork` and `exec`. Run it in a fresh process, after a warm-up
+    call, with `MALLOC_MMAP_THRESHOLD_` fixed so freed large blocks are returned at once.
+    """
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def _git_commit() -> str | None:

@@ -60,6 +60,47 @@ def test_max_batch_bounds_peak_memory_by_the_chunk():
     assert chunked <= whole / 2 + TENSOR_MIB, (whole, chunked)
 
 
+BACKWARD_PROBE = textwrap.dedent("""
+    import json, resource, sys, torch
+    sys.path.insert(0, {tests!r})
+    from arflow_solvers import Jacobi, solve
+    from toys import shift_right
+
+    class Learned:  # x_t = exp(0.1 tanh(x_(t-1))) z_t + gain x_(t-1), gain learned
+        seq_len = {seq_len}
+        gain = torch.tensor({gain}, dtype=torch.float64, requires_grad=True)
+        def parameters(self):
+            return [self.gain]
+        def affine(self, x, cond=None):
+            previous = shift_right(x)
+            return self.gain * previous, 0.1 * torch.tanh(previous)
+
+    z = torch.randn({batch}, {seq_len}, 1, dtype=torch.float64, requires_grad=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    solution = solve(Learned(), z, Jacobi(tol=0.0), log_prob=True)
+    (solution.x.square().mean() + solution.log_prob.mean()).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"grew_kib": after - before, "iterations": solution.adjoint[0].iterations}}))
+""")
+
+
+def backward_peak_growth_mib(gain):
+    code = BACKWARD_PROBE.format(tests=str(ROOT), batch=BATCH, seq_len=SEQ_LEN, gain=gain)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["grew_kib"] / 1024, result["iterations"]
+
+
+def test_a_gradient_step_costs_one_evaluations_graph_however_many_iterations():
+    """Autograd through the iterations would keep one graph per iteration; the adjoint keeps one."""
+    few, few_iterations = backward_peak_growth_mib(gain=0.3)
+    many, many_iterations = backward_peak_growth_mib(gain=0.8)
+    assert many_iterations >= 3 * few_iterations, (few_iterations, many_iterations)
+    assert many <= 20 * TENSOR_MIB, f"grew {many:.0f} MiB for {TENSOR_MIB:.0f} MiB tensors"
+    assert many - few <= 2 * TENSOR_MIB, (few, many)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_peak_memory_is_a_small_multiple_of_the_iterate():
     from arflow_solvers import Jacobi, solve

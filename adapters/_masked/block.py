@@ -148,6 +148,11 @@ class MaskedARBlock:
         """The elementwise inverse, library layout: `(B, out)` network output and `(B, F)` noise to `(B, F)`."""
         raise NotImplementedError
 
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """`(B,)` log |det dx/dz| of the elementwise inverse at data `x` and noise `z` (library layout)."""
+        raise TypeError(f"{self.name}: the adapter does not give the log-determinant of its inverse, so "
+                        "log_prob is not available for it")
+
     # -- the block -------------------------------------------------------------------------
 
     @property
@@ -214,13 +219,21 @@ class MaskedARBlock:
         """Library-order `(B, F)` values in our order."""
         return values if self._identity else values.index_select(1, self.order)
 
+    def _to_library(self, values: Tensor) -> Tensor:
+        """Our-order `(B, F)` values in library order."""
+        return values if self._identity else values.index_select(1, self._position)
+
+    def log_det(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
+        """`(B,)` log |det dx/dz| of the block's sampling map at its solution `x` for noise `z` (`(B, T, 1)`)."""
+        flat_x, flat_z = _flat(x, self.seq_len, "x"), _flat(z, self.seq_len, "z")
+        params = self._network_output(flat_x, cond)
+        return self.univariate_log_det(params, self._to_library(flat_x), self._to_library(flat_z))
+
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
         flat_x, flat_z = _flat(x, self.seq_len, "x"), _flat(z, self.seq_len, "z")
         params = self._network_output(flat_x, cond)
-        if not self._identity:
-            flat_z = flat_z.index_select(1, self._position)
-        return self._to_order(self.univariate_inverse(params, flat_z)).reshape(x.shape)
+        return self._to_order(self.univariate_inverse(params, self._to_library(flat_z))).reshape(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, features={self.seq_len})"
@@ -240,6 +253,10 @@ class MaskedAffineBlock(MaskedARBlock):
     def univariate_affine(self, params: Tensor) -> tuple[Tensor, Tensor]:
         """`(B, out)` network output to the library-order `(mu, log_sigma)`, each `(B, F)`."""
         raise NotImplementedError
+
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """The sum of `log_sigma`: `x = exp(log_sigma) z + mu` elementwise."""
+        return self.univariate_affine(params)[1].sum(1)
 
     def affine(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """`(mu, log_sigma)` of `x = exp(log_sigma) z + mu`, each `(B, T, 1)` in our order."""

@@ -46,6 +46,10 @@ class ToSequence:
         x = x if _identity(self.order) else x.index_select(1, self.order.to(x.device))
         return x.unsqueeze(-1)
 
+    def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """The reordered `x` and a zero log-determinant."""
+        return self(x, cond), x.new_zeros(x.shape[0])
+
 
 class ToFeatures:
     """The core's `(B, F, 1)` in a block's order back to `(B, F)` in library order."""
@@ -59,6 +63,10 @@ class ToFeatures:
             return x
         x = x.squeeze(-1)
         return x if _identity(self.position) else x.index_select(1, self.position.to(x.device))
+
+    def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """The reordered `x` and a zero log-determinant."""
+        return self(x, cond), x.new_zeros(x.shape[0])
 
 
 def sampling_steps(items: Sequence[Any], features: int) -> list[Callable]:

@@ -22,8 +22,8 @@ except ImportError as error:  # pragma: no cover - exercised only without nflows
 from .._checkpoint import load_checkpoint
 from .blocks import NflowsAffineBlock, NflowsARBlock, NflowsStep, ar_block
 
-__all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "ar_block", "build_maf",
-           "load_for_planning"]
+__all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "wrap", "sample", "rsample", "rsample_and_log_prob",
+           "ar_block", "build_maf", "load_for_planning"]
 
 
 def _density_order(transform: Transform) -> list[Transform]:
@@ -146,22 +146,79 @@ def sample(
     Returns:
         The samples, or `(samples, solution)` with `return_solution=True`.
     """
+    with torch.no_grad():
+        samples, _, solution = _sample(flow, num_samples, plan, context, bitwise=bitwise, throw=throw)
+    return (samples, solution) if return_solution else samples
+
+
+def rsample(flow: NflowsFlow, num_samples: int, plan: Any, context: Tensor | None = None, *,
+            bitwise: bool = True, adjoint_tol: float = 0.0, return_solution: bool = False,
+            throw: bool = True) -> Any:
+    """`flow.sample(num_samples, context)` with gradients: differentiable w.r.t. the parameters and context.
+
+    nflows' `sample` records a graph through every network pass of every autoregressive
+    inverse; here each inverse is solved by `plan` and differentiated by its implicit adjoint
+    (see [`arflow_solvers.adjoint`][arflow_solvers.adjoint]): memory of one network
+    evaluation per transform. Shapes and noise as in [`sample`][arflow_solvers.adapters.nflows.sample].
+
+    Arguments:
+        flow: the nflows `Flow`.
+        num_samples: samples per context row (or in all, without context).
+        plan: a [`Plan`][arflow_solvers.Plan], a plan string or one solver.
+        context: `(C, ...)` context or `None`.
+        bitwise: `False` evaluates MAF's blocks on packed MADEs in the forward solves.
+        adjoint_tol: relative tolerance of the backward solves (`0`: to their exactness bound).
+        return_solution: also return the [`Solution`][arflow_solvers.Solution].
+        throw: raise if the result is not finite.
+
+    Returns:
+        The samples, or `(samples, solution)`.
+    """
+    samples, _, solution = _sample(flow, num_samples, plan, context, bitwise=bitwise, throw=throw,
+                                   adjoint_tol=adjoint_tol)
+    return (samples, solution) if return_solution else samples
+
+
+def rsample_and_log_prob(flow: NflowsFlow, num_samples: int, plan: Any, context: Tensor | None = None, *,
+                         bitwise: bool = True, adjoint_tol: float = 0.0, return_solution: bool = False,
+                         throw: bool = True) -> Any:
+    """`flow.sample_and_log_prob(num_samples, context)`, both outputs differentiable.
+
+    The log-density is the base distribution's log-density of the noise minus every
+    transform's log-determinant at the solution. Arguments as for
+    [`rsample`][arflow_solvers.adapters.nflows.rsample].
+
+    Returns:
+        `(samples, log_prob)`: `(num_samples, D)` and `(num_samples,)`, or with context
+        `(C, num_samples, D)` and `(C, num_samples)`; or `(samples, log_prob, solution)`.
+    """
+    samples, log_prob, solution = _sample(flow, num_samples, plan, context, bitwise=bitwise, throw=throw,
+                                          adjoint_tol=adjoint_tol, with_log_prob=True)
+    return (samples, log_prob, solution) if return_solution else (samples, log_prob)
+
+
+def _sample(flow: NflowsFlow, num_samples: int, plan: Any, context: Tensor | None, *, bitwise: bool,
+            throw: bool, adjoint_tol: float = 0.0, with_log_prob: bool = False) -> tuple:
+    """nflows' `Flow.sample` (and `sample_and_log_prob`) step by step, the inverses solved by `plan`."""
     if not isinstance(flow, NflowsFlow):
         raise TypeError(f"flow must be an nflows Flow; got {type(flow).__name__}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
-    with torch.no_grad():
-        embedded = flow._embedding_net(context)
-        noise = flow._distribution.sample(num_samples, context=embedded)
-        if embedded is not None:
-            noise = noise.reshape(-1, *noise.shape[2:])
-            embedded = embedded.repeat_interleave(num_samples, dim=0)
-        solution = solve(wrap(flow, bitwise=bitwise), noise.reshape(noise.shape[0], -1, 1), plan,
-                         cond=embedded, throw=throw)
-        samples = solution.x.reshape(noise.shape)
-        if embedded is not None:
-            samples = samples.reshape(-1, num_samples, *samples.shape[1:])
-    return (samples, solution) if return_solution else samples
+    embedded = flow._embedding_net(context)
+    noise = flow._distribution.sample(num_samples, context=embedded)
+    if embedded is not None:
+        noise = noise.reshape(-1, *noise.shape[2:])
+        embedded = embedded.repeat_interleave(num_samples, dim=0)
+    solution = solve(wrap(flow, bitwise=bitwise), noise.reshape(noise.shape[0], -1, 1), plan, cond=embedded,
+                     throw=throw, adjoint_tol=adjoint_tol, log_prob=with_log_prob)
+    samples = solution.x.reshape(noise.shape)
+    log_prob = None
+    if with_log_prob:
+        log_prob = flow._distribution.log_prob(noise, context=embedded) - solution.log_det
+    if embedded is not None:
+        samples = samples.reshape(-1, num_samples, *samples.shape[1:])
+        log_prob = None if log_prob is None else log_prob.reshape(-1, num_samples)
+    return samples, log_prob, solution
 
 
 def build_maf(features: int, hidden: int, layers: int, blocks: int = 1) -> NflowsFlow:

@@ -87,6 +87,10 @@ class NflowsARBlock(MaskedARBlock):
         """nflows' `_elementwise_inverse(z, params)`, its log-determinant dropped."""
         return self.transform._elementwise_inverse(z, params)[0]
 
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """The log-determinant of nflows' `_elementwise_inverse(z, params)`."""
+        return self.transform._elementwise_inverse(z, params)[1]
+
 
 class NflowsAffineBlock(NflowsARBlock, MaskedAffineBlock):
     r"""nflows' `MaskedAffineAutoregressiveTransform` as an affine block.
@@ -152,8 +156,12 @@ class NflowsStep:
         self.__name__ = f"{type(transform).__name__}.inverse"
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
-        out, _ = self.transform.inverse(x.reshape(x.shape[0], -1), context=cond)
-        return out.reshape(out.shape[0], -1, 1)
+        return self.with_log_det(x, cond)[0]
+
+    def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """nflows' `transform.inverse(x, context)`: the output as `(B, T, 1)` and its log |det|."""
+        out, log_det = self.transform.inverse(x.reshape(x.shape[0], -1), context=cond)
+        return out.reshape(out.shape[0], -1, 1), log_det
 
     def __repr__(self) -> str:
         return f"NflowsStep({type(self.transform).__name__})"
