@@ -10,6 +10,7 @@ from arflow_solvers import (CalibratedPlanner, Flow, Jacobi, MetricPlanner, Plan
 from arflow_solvers import init as inits
 from arflow_solvers.metrics import BlockMetrics, flow_metrics, max_abs_error
 from arflow_solvers.planners import select_tough
+from arflow_solvers.planners._validation import largest_of
 from toys import CausalLinear, CausalMLP, serial_reference, shift_right
 
 
@@ -222,8 +223,9 @@ def test_a_calibrated_plan_is_validated_on_samples_it_was_not_chosen_on():
 def test_a_plan_that_misses_on_held_out_samples_is_replaced_by_the_exact_plan_and_says_so():
     z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     calibration = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0)).calibrate(_three_blocks(), z)
-    assert not calibration.promised and "missed max_error on the held-out samples" in calibration.note
-    assert calibration.validated_error == 0.0  # the exact plan reproduces serial
+    assert "calibrated plan missed the promise on the held-out samples" in calibration.note
+    assert calibration.promised and calibration.estimated_max_error <= 1e-4
+    assert calibration.validated_error <= 1e-12  # the exact plan reproduces serial
     assert all(block[i].max_error == 0.0 for block, i in zip(calibration.candidates, calibration.chosen))
 
 
@@ -234,9 +236,47 @@ def test_the_default_plan_is_returned_when_it_is_as_good_and_no_slower():
     planner = CalibratedPlanner(tol=1e-4, max_error=1e-1, cost=(1.0, 0.0), segments=(1, 2))
     calibration = planner.calibrate(_three_blocks(), z)
     assert calibration.plan == Plan(Jacobi(tol=1e-4))
-    assert "default plan met max_error" in calibration.note and calibration.promised
+    assert "default plan kept the promise" in calibration.note and calibration.promised
 
 
+def test_when_no_plan_can_keep_the_promise_the_planner_says_so_and_returns_the_default(monkeypatch):
+    from arflow_solvers.planners import _validation
+
+    # every plan, the exact one included, errs by 1e-3 on every held-out sample
+    monkeypatch.setattr(_validation.HeldOut, "errors", lambda self, plan: torch.full((self.z.shape[0],), 1e-3))
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="no plan keeps max_error=0.0001 over 1000 samples"):
+        calibration = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0)).calibrate(_three_blocks(), z)
+    assert calibration.plan == Plan(Jacobi(tol=1e-3)) and not calibration.promised
+
+
+def test_the_promise_is_about_many_fresh_samples_not_the_few_held_out():
+    """The largest of 1000 errors is estimated from 32: neither always above nor always below it."""
+    gen = torch.Generator().manual_seed(0)
+    above = 0
+    for _ in range(200):
+        errors = torch.exp(torch.randn(1032, generator=gen, dtype=torch.float64) * 1.5 - 10)
+        estimate = largest_of(errors[:32], 1000)
+        assert estimate >= errors[:32].max()
+        above += estimate >= errors[32:].max()
+    assert 0.3 <= above / 200 <= 0.95, above
+    assert largest_of(torch.zeros(16, dtype=torch.float64), 10**6) == 0.0
+
+
+def test_held_out_samples_on_which_float32_itself_misses_float64_are_not_judged():
+    from toys import Recurrence
+
+    flow = Flow([Recurrence(40, gain=1.5)])  # expansive: float32 rounding grows like 1.5^t
+    z = torch.randn(12, 40, 1, generator=torch.Generator().manual_seed(0))
+    z[:6] *= 1e-9  # tiny noise: tiny absolute rounding errors, judged; the rest is not
+    order = torch.tensor([0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11])  # held out: 3 tiny, 3 ordinary
+    with pytest.warns(UserWarning, match="below the flow's own serial error floor"):
+        calibration = CalibratedPlanner(max_error=1e-4, cost=(1.0, 1.0)).calibrate(flow, z[order])
+    assert calibration.validation_samples == 6 and calibration.excluded == 3
+    assert "3 ill-conditioned ones not judged" in calibration.meaning
+
+
+@pytest.mark.filterwarnings("ignore:on every held-out sample serial sampling")
 def test_the_floor_of_float32_sampling_is_reported_and_a_max_error_below_it_warned_about():
     z = torch.randn(6, 12, 2, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=r"max_error=1e-09 is below the flow's own serial error floor"):

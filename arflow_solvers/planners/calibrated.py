@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -26,20 +24,11 @@ from ..plan import Plan
 from ..solve import solve
 from ..solvers import GSJacobi, Jacobi, Serial, Solver
 from ..stopping import check_tolerance
+from ._costs import Candidate, measure_costs, try_candidate
 from ._float64 import serial_floor
+from ._validation import HeldOut, largest_of
 
 __all__ = ["CalibratedPlanner", "Calibration", "Candidate"]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One solver tried on one block during calibration."""
-
-    solver: str
-    passes: int
-    work: float
-    max_error: float
-    expected_seconds: float
 
 
 @dataclass(frozen=True)
@@ -55,14 +44,21 @@ class Calibration:
         end_to_end_error: max-abs error of the whole plan vs serial on the samples it was
             chosen on (the flow's output, over the samples serial finds finite).
         rounds: selections tried; each after the first tightened the per-block allowance.
-        validated_error: max-abs error of the returned plan vs serial on the held-out
-            samples, which took no part in choosing it: an estimate of the largest error over
-            that many fresh samples, not a bound (`None` without held-out samples).
+        validated_error: max-abs error of the returned plan vs serial on the judged held-out
+            samples, which took no part in choosing it (`None` without held-out samples).
         validation_samples: how many samples were held out.
+        excluded: held-out samples not judged: their serial answer is further than
+            `max_error` from a float64 solve (ill-conditioned noise), so no plan can be.
+        estimated_max_error: the largest error over `promise_for` fresh samples, estimated
+            from the held-out per-sample errors (see
+            [`largest_of`][arflow_solvers.planners._validation.largest_of]): an estimate,
+            not a bound.
+        promise_for: the number of fresh samples the promise is about.
         floor: the flow's own serial sampling (in the calibration dtype) vs a float64 serial
             solve on the calibration samples: no plan's error against the truth is below it
             (`None` when the flow cannot be copied to float64, `0.0` in float64).
-        promised: whether the returned plan met `max_error` on the held-out samples.
+        promised: whether the returned plan's `estimated_max_error` is within `max_error`;
+            when no plan's is, the default plan is returned and this is `False`.
         note: what the planner did besides choosing (returned the default or the exact plan).
     """
 
@@ -78,16 +74,21 @@ class Calibration:
     floor: float | None = None
     promised: bool = True
     note: str = ""
+    excluded: int = 0
+    estimated_max_error: float | None = None
+    promise_for: int = 0
 
     @property
     def meaning(self) -> str:
-        """One sentence on what `validated_error` says, for printing."""
+        """One sentence on what `validated_error` and `estimated_max_error` say, for printing."""
         if self.validated_error is None:
             return ("no samples were held out: the error was only measured on the samples the "
                     "plan was chosen on")
-        return (f"max error {self.validated_error:.3g} vs serial over {self.validation_samples} "
-                "held-out samples: an estimate of the worst case over that many fresh samples, "
-                "not a bound")
+        judged = self.validation_samples - self.excluded
+        skipped = f" ({self.excluded} ill-conditioned ones not judged)" if self.excluded else ""
+        return (f"max error {self.validated_error:.3g} vs serial over {judged} held-out samples{skipped}; "
+                f"estimated max over {self.promise_for} fresh samples {self.estimated_max_error:.3g}: "
+                "an estimate, not a bound")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +100,9 @@ class Calibration:
             "validated_error": self.validated_error,
             "validation_samples": self.validation_samples,
             "floor": self.floor,
+            "excluded": self.excluded,
+            "estimated_max_error": self.estimated_max_error,
+            "promise_for": self.promise_for,
             "promised": self.promised,
             "note": self.note,
             "meaning": self.meaning,
@@ -128,14 +132,19 @@ class CalibratedPlanner:
     `rounds` tries only error-free candidates remain (serial, or an exact mode that
     reproduces it).
 
-    A promise must hold on noise the plan was not chosen on, so the last `validation`
-    fraction of the batch is held out: the plan is chosen on the rest, then measured on the
-    held-out samples. If it misses `max_error` there, the planner says so
-    (`Calibration.promised` is `False`) and returns the exact plan (per block the cheaper of
-    serial and `Jacobi(tol=0)`). If the default plan `Jacobi(tol=tol)` also meets `max_error`
-    on the held-out samples and is modelled no slower, the default is returned: a planner
-    never makes sampling slower at the same validated error. A `max_error` below the flow's
-    own float32-vs-float64 error (`Calibration.floor`) is warned about. With `cost` given the
+    A promise must hold on noise the plan was not chosen on, and over more samples than the
+    calibration batch: the last `validation` fraction of the batch is held out, the plan is
+    chosen on the rest, and its per-sample errors on the held-out samples give an estimate
+    of its largest error over `promise_for` fresh samples
+    (`Calibration.estimated_max_error`; held-out samples on which float32 serial sampling is
+    itself further than `max_error` from float64 are not judged). If the default plan
+    `Jacobi(tol=tol)` keeps the promise and is modelled no slower, or the calibrated plan
+    misses it, the default is returned when it keeps it: a planner never makes sampling
+    slower at the same validated error. Otherwise the exact plan (per block the cheaper of
+    serial and `Jacobi(tol=0)`) is returned if it keeps the promise; if even that misses,
+    no plan can keep it in this dtype: the planner says so (`Calibration.promised` is
+    `False`, with a warning) and returns the default. A `max_error` below the flow's own
+    float32-vs-float64 error (`Calibration.floor`) is warned about. With `cost` given the
     result is
     deterministic given the seed; with measured costs it can differ between runs whose
     timings differ. `plan(..., cache=path)` writes the plan and its calibration as JSON and
@@ -153,6 +162,8 @@ class CalibratedPlanner:
         rounds: selections tried before only error-free candidates are allowed.
         validation: fraction of the batch held out to validate the plan (0: none).
         safety: the plan is chosen to meet `max_error / safety` on the other samples.
+        promise_for: how many fresh samples the promise is about (the estimated largest
+            error is over that many).
     """
 
     tol: float = 1e-5
@@ -165,6 +176,7 @@ class CalibratedPlanner:
     rounds: int = 4
     validation: float = 0.5
     safety: float = 2.0
+    promise_for: int = 1000
 
     def __post_init__(self) -> None:
         check_tolerance("tol", self.tol)
@@ -174,6 +186,8 @@ class CalibratedPlanner:
             raise ValueError(f"validation must be a fraction in [0, 1); got {self.validation!r}")
         if not self.safety >= 1:
             raise ValueError(f"safety must be >= 1; got {self.safety!r}")
+        if not isinstance(self.promise_for, int) or self.promise_for < 1:
+            raise ValueError(f"promise_for must be an int >= 1; got {self.promise_for!r}")
 
     def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None, cache: str | Path | None = None,
              show_progress: bool = False) -> Plan:
@@ -206,9 +220,9 @@ class CalibratedPlanner:
         reference = _output(flow, traces, fit_cond)
         options, all_candidates, costs = [], [], []
         for t in progress(traces, show_progress, desc="calibrating", unit="block"):
-            cost = self.cost if self.cost is not None else _measure_costs(t, self.repeats)
+            cost = self.cost if self.cost is not None else measure_costs(t, self.repeats)
             options.append(self._candidates())
-            all_candidates.append([_try(t, solver, cost) for solver in options[-1]])
+            all_candidates.append([try_candidate(t, solver, cost) for solver in options[-1]])
             costs.append(cost)
         chosen, error, rounds = self._select(flow, fit_z, fit_cond, reference, options, all_candidates)
         floor = serial_floor(flow, fit_z, fit_cond, reference)
@@ -217,12 +231,17 @@ class CalibratedPlanner:
                           f"{floor:.3g} (float32 vs float64): no plan can be validated against a truth "
                           "finer than that", stacklevel=2)
         serial_total = sum(c[0].expected_seconds for c in all_candidates)
-        verdict = self._validate(flow, held_z, held_cond, options, all_candidates, chosen)
-        chosen, validated, promised, note = verdict
+        held = HeldOut.of(flow, held_z, held_cond, self.max_error)
+        chosen, errors, promised, note = self._validate(held, options, all_candidates, chosen)
+        if not promised:
+            warnings.warn(note, stacklevel=2)
         plan = _as_plan([_simplest(o[c]) for o, c in zip(options, chosen)])
         plan_total = sum(c[i].expected_seconds for c, i in zip(all_candidates, chosen))
+        validated = None if held_z.shape[0] == 0 else (float(errors.max()) if errors.numel() else 0.0)
+        estimate = None if validated is None else largest_of(errors, self.promise_for)
         return Calibration(plan, all_candidates, chosen, costs, serial_total / max(plan_total, 1e-12),
-                           error, rounds, validated, held_z.shape[0], floor, promised, note)
+                           error, rounds, validated, held_z.shape[0], floor, promised, note,
+                           held.excluded, estimate, self.promise_for)
 
     def _candidates(self) -> list[Solver]:
         """Serial first, the default `Jacobi(tol)` second, then the others."""
@@ -247,39 +266,47 @@ class CalibratedPlanner:
             allowance /= 2 * error / target
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _validate(self, flow: Flow, z: Tensor, cond: Any, options: list, all_candidates: list,
-                  chosen: list[int]) -> tuple[list[int], float | None, bool, str]:
-        """`(chosen, validated error, promised, note)` after checking on the held-out samples."""
-        if z.shape[0] == 0:
-            return chosen, None, True, ""
-        serial = solve(flow, z, Serial(), cond=cond, throw=False).x
+    def _validate(self, held: HeldOut, options: list, all_candidates: list,
+                  chosen: list[int]) -> tuple[list[int], Tensor, bool, str]:
+        """`(chosen, per-sample held-out errors, promised, note)`, in the order the class docstring gives."""
+        if held.z.shape[0] == 0:
+            nothing = torch.zeros(0, dtype=torch.float64)
+            if held.excluded == 0:
+                return chosen, nothing, True, ""
+            return [1] * len(chosen), nothing, False, (
+                f"on every held-out sample serial sampling in {held.serial.dtype} is itself further than "
+                f"max_error={self.max_error:g} from float64, so no plan can keep the promise; the default plan "
+                "is returned; raise max_error, or sample in float64")
 
-        def error_of(picks: list[int]) -> float:
-            plan = _as_plan([_simplest(o[c]) for o, c in zip(options, picks)])
-            return max_abs_error(solve(flow, z, plan, cond=cond, throw=False).x, serial)
+        def verdict(picks: list[int]) -> tuple[Tensor, bool]:
+            errors = held.errors(_as_plan([_simplest(o[c]) for o, c in zip(options, picks)]))
+            return errors, largest_of(errors, self.promise_for) <= self.max_error
 
         def seconds_of(picks: list[int]) -> float:
             return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
 
-        validated = error_of(chosen)
-        kept = validated <= self.max_error
+        errors, kept = verdict(chosen)
         default = [1] * len(chosen)  # Jacobi(tol) on every block
         if chosen != default and (not kept or seconds_of(default) <= seconds_of(chosen)):
-            default_error = error_of(default)
-            if default_error <= self.max_error:
-                reason = ("is modelled no slower than the calibrated one" if kept
-                          else f"while the calibrated one missed it ({validated:.3g})")
-                return default, default_error, True, (
-                    f"the default plan met max_error on the held-out samples and {reason}, so it is returned")
+            default_errors, default_kept = verdict(default)
+            if default_kept:
+                reason = "is modelled no slower than the calibrated one" if kept else "while the calibrated one did not"
+                return default, default_errors, True, f"the default plan kept the promise and {reason}, so it is returned"
         if kept:
-            return chosen, validated, True, ""
+            return chosen, errors, True, ""
         exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
-        return exact, error_of(exact), False, self._missed(validated)
+        exact_errors, exact_kept = verdict(exact)
+        if exact_kept:
+            return exact, exact_errors, True, (
+                f"the calibrated plan missed the promise on the held-out samples (estimated max "
+                f"{largest_of(errors, self.promise_for):.3g} > {self.max_error:g}), so the exact plan is returned")
+        default_errors = errors if chosen == default else verdict(default)[0]
+        return default, default_errors, False, (
+            f"no plan keeps max_error={self.max_error:g} over {self.promise_for} samples on this flow: even the "
+            f"exact plan's estimated max error is {largest_of(exact_errors, self.promise_for):.3g} (rounding in "
+            f"{held.serial.dtype} amplified by ill-conditioned samples), so the default plan is returned; "
+            "raise max_error, or sample in float64")
 
-    def _missed(self, validated: float) -> str:
-        return (f"the calibrated plan missed max_error on the held-out samples ({validated:.3g} > "
-                f"{self.max_error:g}), so the exact plan is returned; calibrate on more samples or "
-                "raise max_error")
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
     """A cache file's contents, or `None` when it is missing or not a planner cache."""
@@ -319,39 +346,6 @@ def _simplest(solver: Solver) -> Solver:
 def _as_plan(solvers: Sequence[Solver]) -> Plan:
     default = Counter(solvers).most_common(1)[0][0] if solvers else Jacobi()
     return Plan(default, {i: s for i, s in enumerate(solvers) if s != default})
-
-
-def _try(t: BlockTrace, solver: Solver, cost: tuple[float, float]) -> Candidate:
-    x, stats = solver.solve(t.block, t.z, t.cond, t.index)
-    error = max_abs_error(x, t.x) if x.numel() else 0.0
-    seconds = stats.passes * cost[0] + stats.work * cost[1]
-    return Candidate(repr(solver), stats.passes, stats.work, error, seconds)
-
-
-def _measure_costs(t: BlockTrace, repeats: int) -> tuple[float, float]:
-    """`(seconds per call, seconds per full pass)` of one block, from two timings.
-
-    One Jacobi iteration costs `c + p` (one call, one full pass). For a KV-cached block,
-    serial costs `T c + p` (`T` one-position calls, one pass of work in all), which
-    separates the two; without a cache every call is a full pass and `c` is folded into `p`.
-    """
-    one_pass = _median_seconds(lambda: Jacobi(max_iters=1).solve(t.block, t.z, t.cond), repeats)
-    seq_len = t.z.shape[1]
-    if not callable(getattr(t.block, "affine_range", None)) or seq_len < 2:
-        return 0.0, one_pass
-    serial = _median_seconds(lambda: Serial().solve(t.block, t.z, t.cond), 1)
-    per_call = max(0.0, (serial - one_pass) / (seq_len - 1))
-    return per_call, max(0.0, one_pass - per_call)
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    timings = []
-    for _ in range(max(1, repeats)):
-        began = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        timings.append(time.perf_counter() - began)
-    return statistics.median(timings)
 
 
 def _split(z: Tensor, cond: Any, fraction: float) -> tuple[tuple[Tensor, Any], tuple[Tensor, Any]]:
