@@ -37,8 +37,9 @@ def solve(
 ) -> Solution:
     """Invert an autoregressive block or a whole flow for noise `z`, with statistics.
 
-    Runs under `torch.no_grad()`. Each block is inverted by the solver the plan gives it;
-    other steps of a [`Flow`][arflow_solvers.Flow] are applied as they are.
+    Each block is inverted by the solver the plan gives it; other steps of a
+    [`Flow`][arflow_solvers.Flow] are applied as they are. Records no graph unless something
+    it reads requires grad (see Gradients below).
 
     Arguments:
         block_or_flow: an [`AffineARBlock`][arflow_solvers.AffineARBlock] (or
