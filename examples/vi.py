@@ -68,7 +68,7 @@ def train(method: str, flow: torch.nn.Module, log_joint: Callable, args: argpars
         loss.backward()
         optimiser.step()
         seconds.append(time.perf_counter() - began)
-        elbos.append(-float(loss))
+        elbos.append(-float(loss.detach()))
         if args.progress and (step + 1) % max(1, args.steps // 10) == 0:
             print(f"{method}: step {step + 1}/{args.steps}, ELBO {elbos[-1]:.2f}, "
                   f"{sum(seconds):.1f} s", file=sys.stderr, flush=True)

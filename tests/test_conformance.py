@@ -233,6 +233,25 @@ class TestTarFlow:
             check_block(block, noise(2, 16, 4))
 
 
+class TestStarFlow:
+    @pytest.mark.parametrize("name", ["fixture-like", "no-sos-learnt-positions-exp", "gqa-rms-swiglu-qk-post",
+                                      "text-in-every-block", "unconditional"])
+    def test_starflow_blocks_pass_every_check(self, name):
+        from test_starflow import text, tiny_starflow
+
+        from arflow_solvers.adapters.starflow import StarFlowARBlock, as_flow
+
+        model = tiny_starflow(name)
+        y, y_null = text(2)
+        guided = name != "unconditional"
+        flow = as_flow(model, guidance=2.0 if guided else 0.0, attn_temp=0.8)
+        assert all(isinstance(b, StarFlowARBlock) for b in flow.blocks)
+        for block in flow.blocks:
+            cond = (y, y_null) if guided else None
+            assert check_block(block, noise(2, 16, 2), cond) == [
+                "check_causal", "check_cached_range", "check_exact_at_bound"]
+
+
 # ------------------------------------------------------------------ broken blocks are caught
 
 

@@ -17,14 +17,16 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNABLE_PAGES = ["getting-started.md", "howto/custom-block.md", "howto/reading-a-solution.md"]
+RUNNABLE_PAGES = ["getting-started.md", "howto/custom-block.md", "howto/reading-a-solution.md",
+                  "howto/variational-inference.md"]
 PUBLIC_MODULES = ["arflow_solvers", "arflow_solvers.metrics", "arflow_solvers.planners",
                   "arflow_solvers.init", "arflow_solvers.plot", "arflow_solvers.divergence",
-                  "arflow_solvers.distributed", "arflow_solvers.adjoint", "arflow_solvers.testing",
+                  "arflow_solvers.distributed", "arflow_solvers.adjoint", "arflow_solvers.density",
+                  "arflow_solvers.testing",
                   "arflow_solvers.adapters.made", "arflow_solvers.adapters.nflows",
                   "arflow_solvers.adapters.zuko", "arflow_solvers.adapters.normflows",
                   "arflow_solvers.adapters.pyro", "arflow_solvers.adapters.sbi",
-                  "arflow_solvers.adapters.tarflow"]
+                  "arflow_solvers.adapters.tarflow", "arflow_solvers.adapters.starflow"]
 
 
 def python_blocks(page: str) -> list[str]:

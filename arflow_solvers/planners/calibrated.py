@@ -50,9 +50,8 @@ class Calibration:
         excluded: held-out samples not judged: their serial answer is further than
             `max_error` from a float64 solve (ill-conditioned noise), so no plan can be.
         estimated_max_error: the largest error over `promise_for` fresh samples, estimated
-            from the held-out per-sample errors (see
-            [`largest_of`][arflow_solvers.planners._validation.largest_of]): an estimate,
-            not a bound.
+            from the held-out per-sample errors (a log-normal fit of their tail, never less
+            than the largest observed): an estimate, not a bound.
         promise_for: the number of fresh samples the promise is about.
         floor: the flow's own serial sampling (in the calibration dtype) vs a float64 serial
             solve on the calibration samples: no plan's error against the truth is below it
