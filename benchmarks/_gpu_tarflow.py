@@ -24,7 +24,7 @@ from arflow_solvers._sweep import SweepOptions
 from arflow_solvers.adapters.tarflow import TarFlow, as_flow
 from arflow_solvers.stopping import StoppingRule
 
-__all__ = ["CONFIGS", "Config", "run_to_caps", "tarflow_part"]
+__all__ = ["CONFIGS", "Config", "run_to_caps", "tarflow_part", "block_rows"]
 
 PAPER_SHAPES = {  # the public checkpoints' shapes: T = 1024 tokens for both
     "img64": dict(in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8),
@@ -133,7 +133,8 @@ def public_loop(model: TarFlow, z: torch.Tensor, y: Any, guidance: float, autoca
         return model.unpatchify(x), seconds
 
 
-def _blocks(sol: Any) -> list[dict[str, Any]]:
+def block_rows(sol: Any) -> list[dict[str, Any]]:
+    """Per block of a Solution: solver, calls, full-pass equivalents, wall time, mean iterations per sample."""
     return [{"block": b.index, "solver": b.solver, "calls": b.passes, "full_pass_equiv": round(b.work, 3),
              "wall_s": round(b.wall_time, 5),
              "iterations_mean": round(float(b.iterations.sum(1).double().mean()), 2)} for b in sol.blocks]
@@ -206,7 +207,7 @@ def tarflow_part(cfg: Config, ctx: Any) -> dict[str, Any]:
             summary["blocks"] = _public_blocks(seq_len, groups, best[1])
             summary["calls"] = (seq_len - 1) * groups * blocks
         else:
-            summary["blocks"] = _blocks(best)
+            summary["blocks"] = block_rows(best)
             summary["calls"] = best.passes
             summary["full_pass_equiv"] = round(best.work, 3)
             summary["status"] = best.status.name

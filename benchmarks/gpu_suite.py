@@ -1,6 +1,6 @@
-"""The GPU suite: one command that measures TarFlow, MAF and zuko sampling on one CUDA GPU.
+"""The GPU suite: one command that measures TarFlow, STARFlow, MAF and zuko sampling on one CUDA GPU.
 
-    python benchmarks/gpu_suite.py --out benchmarks/results/gpu        # on a GPU, < 8 minutes
+    python benchmarks/gpu_suite.py --out benchmarks/results/gpu        # on a GPU, < 10 minutes
     python benchmarks/gpu_suite.py --smoke --out /tmp/gpu_smoke        # CPU, tiny shapes, < 1 minute
     python benchmarks/gpu_suite.py --smoke --out /tmp/s --parts correctness tarflow_afhq
 
@@ -16,9 +16,13 @@ CUDA versions), each part's status and headline ratios. Parts, in the order they
 - `maf_zuko`: a zuko MAF with 200 features, if `arflow_solvers.adapters.zuko` exists;
 - `tarflow_img64_uncond`, `tarflow_img64_cond_cfg`, `tarflow_afhq`, `tarflow_afhq_cfg`: the
   public-style serial loop vs our `Serial()` vs the paper's published plan at the paper's
-  shapes (T = 1024, width 768, 8 x 8 layers), random weights, per block and overall.
+  shapes (T = 1024, width 768, 8 x 8 layers), random weights, per block and overall;
+- `starflow_t2i_3b`: STARFlow at the public 3B text-to-image shapes (T = 1024, width 3072, layers
+  [2, 2, 2, 2, 2, 24], a 128-token text prefix), random weights, float32, guidance 3.6: the public
+  serial and block-wise Jacobi samplers vs our `Serial()`, Jacobi, GS-Jacobi and the exact mode
+  run to a cap; calls per block, wall time, max abs error vs serial (`_gpu_starflow.py`).
 
-Time: a global deadline (`--deadline`, 420 s on a GPU) and a nominal time limit per part; each
+Time: a global deadline (`--deadline`, 540 s on a GPU) and a nominal time limit per part; each
 part gets its share of the time left, in proportion to its nominal limit among the parts still
 to run (so time an early part leaves unused is spread over the later ones).
 Timed rounds are round-robin; a round starts only if it is predicted to end in time, so a
@@ -57,6 +61,7 @@ PART_LIMITS: dict[str, tuple[float, float]] = {  # part -> (seconds on a GPU, se
     "tarflow_img64_cond_cfg": (85, 5),
     "tarflow_afhq": (60, 5),
     "tarflow_afhq_cfg": (80, 5),
+    "starflow_t2i_3b": (120, 5),
 }
 MIN_PART_S = (5.0, 0.5)  # below this a part is skipped rather than started
 NO_CUDA = ("gpu_suite: no CUDA device is available (torch.cuda.is_available() is False). The full suite "
@@ -82,6 +87,7 @@ class Context:
 
 def _parts() -> dict[str, Callable[[Context], dict[str, Any]]]:
     from _gpu_checks import correctness_nflows, correctness_tarflow, maf_nflows, maf_zuko
+    from _gpu_starflow import starflow_part
     from _gpu_tarflow import CONFIGS, tarflow_part
 
     parts: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -89,6 +95,7 @@ def _parts() -> dict[str, Callable[[Context], dict[str, Any]]]:
         "maf_nflows": maf_nflows, "maf_zuko": maf_zuko}
     for cfg in CONFIGS:
         parts[cfg.part] = lambda ctx, cfg=cfg: tarflow_part(cfg, ctx)
+    parts["starflow_t2i_3b"] = starflow_part
     assert list(parts) == list(PART_LIMITS)
     return parts
 
@@ -108,19 +115,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="folder for the JSON files (created)")
     p.add_argument("--smoke", action="store_true", help="every part on CPU with tiny shapes, < 1 minute")
     p.add_argument("--parts", nargs="+", metavar="PART", help=f"a subset, by name or prefix: {list(PART_LIMITS)}")
-    p.add_argument("--deadline", type=float, default=None, help="seconds for the whole suite (420; smoke 40)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds for the whole suite (540; smoke 40)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds at most (best kept, spread reported)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="TarFlow speed parts: bfloat16 autocast as the public sampler (default) or float32")
     p.add_argument("--batch-img64", type=int, default=64)
     p.add_argument("--batch-afhq", type=int, default=16)
+    p.add_argument("--batch-starflow", type=int, default=2, help="STARFlow samples (guided: 2x rows in the deep block)")
+    p.add_argument("--starflow-scope", choices=["auto", "all", "deep"], default="auto",
+                   help="STARFlow: every block, the deep block only, or auto (every block if a round fits)")
     p.add_argument("--batch-smoke", type=int, default=2)
     p.add_argument("--maf-samples", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (smoke default 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.deadline is None:
-        args.deadline = 40.0 if args.smoke else 420.0
+        args.deadline = 40.0 if args.smoke else 540.0
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     return args

@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 PARTS = ["correctness_tarflow", "correctness_nflows", "maf_nflows", "maf_zuko", "tarflow_img64_uncond",
-         "tarflow_img64_cond_cfg", "tarflow_afhq", "tarflow_afhq_cfg"]
+         "tarflow_img64_cond_cfg", "tarflow_afhq", "tarflow_afhq_cfg", "starflow_t2i_3b"]
+STARFLOW_METHODS = ["serial", "public_jacobi_th0.001_bs16", "public_jacobi_th0.005_bs64", "jacobi_tol1e-4",
+                    "gs4_tol1e-4", "jacobi_exact_cap16", "public_serial"]
 ENV_KEYS = {"device", "device_name", "date_utc", "torch", "python", "loadavg"}
 
 
@@ -103,6 +106,39 @@ def test_smoke_maf_parts(smoke, name):
     assert exact["bit_identical_to_library"] and exact["calls"] > 0 and exact["status"] == "CONVERGED"
 
 
+def check_starflow(part: dict, blocks: int) -> None:
+    """Every method ran over `blocks` blocks; serial samplers make T calls per block; exact equals serial."""
+    assert part["status"] == "ok" and not part["not_run"], part.get("not_run")
+    assert list(part["methods"]) == STARFLOW_METHODS
+    seq_len = part["model"]["seq_len"]
+    assert seq_len == 16 and part["model"]["num_blocks"] == 6 and part["guidance"] > 0
+    for name, m in part["methods"].items():
+        assert m["rounds"] >= 1 and m["best_s"] > 0 and len(m["blocks"]) == len(m["calls_per_block"]) == blocks
+        assert m["calls"] == sum(m["calls_per_block"]) and all(c >= 1 for c in m["calls_per_block"]), name
+    methods = part["methods"]
+    # sos: serial sampling is one call per token, for the public loop and ours
+    assert methods["serial"]["calls_per_block"] == methods["public_serial"]["calls_per_block"] == [seq_len] * blocks
+    assert methods["serial"]["max_abs_err_vs_serial"] == 0.0 and methods["serial"]["frac_8bit_equal"] == 1.0
+    assert methods["public_serial"]["max_abs_err_vs_serial"] <= 1e-4
+    # the cap (16) reaches T here: the exact mode equals serial to float32 tolerance
+    assert methods["jacobi_exact_cap16"]["max_abs_err_vs_serial"] <= 1e-4
+    for size in (16, 64):
+        name = next(n for n in methods if n.endswith(f"_bs{size}"))
+        chunks = -(-seq_len // size)
+        assert all(chunks <= c <= 32 * chunks for c in methods[name]["calls_per_block"]), name
+        target = part["targets"][name.removeprefix("public_jacobi_")]
+        assert target["public_calls"] == methods[name]["calls"]
+    assert part["ratios"]["serial_vs_public_serial"] > 0
+
+
+def test_smoke_starflow_part(smoke):
+    out, _ = smoke
+    part = load(out / "starflow_t2i_3b.json")
+    assert part["scope"] == "all blocks" and part["model"]["layers_per_block"] == [1, 1, 1, 1, 1, 2]
+    assert part["precision"].startswith("float32") and "configs/starflow_3B_t2i_256x256.yaml" in part["model"]["where"]
+    check_starflow(part, blocks=6)
+
+
 def suite_module():
     """benchmarks/gpu_suite.py imported in this process (the refusal and the deadline need no subprocess)."""
     spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
@@ -119,6 +155,30 @@ def test_without_cuda_the_full_suite_refuses(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "--smoke" in err
     assert not (tmp_path / "gpu").exists()
+
+
+def test_starflow_on_the_deep_block_alone(tmp_path):
+    suite = suite_module()
+    assert suite.main(["--smoke", "--out", str(tmp_path), "--parts", "starflow", "--starflow-scope", "deep",
+                       "--rounds", "1"]) == 0
+    part = load(tmp_path / "starflow_t2i_3b.json")
+    assert part["scope"] == "deep block" and "--starflow-scope deep" in part["scope_reason"]
+    check_starflow(part, blocks=1)
+
+
+def test_starflow_shapes_are_the_public_3b_configuration():
+    """The GPU shapes: T = 1024 latent tokens of 4 channels, width 3072, a 24-layer deep block, 128 text tokens."""
+    suite_module()
+    from _gpu_starflow import T2I_3B
+
+    from arflow_solvers.adapters.starflow import StarFlow
+
+    with torch.device("meta"):
+        model = StarFlow(**T2I_3B)
+    assert model.num_patches == 1024 and model.blocks[-1].in_channels == 4
+    assert [len(b.attn_blocks) for b in model.blocks] == [2, 2, 2, 2, 2, 24]
+    assert model.blocks[-1].attn_blocks[0].attention.num_heads == 48 and model.txt_dim == 2048
+    assert 3.5e9 < sum(p.numel() for p in model.parameters()) < 4e9
 
 
 def test_parts_subset_and_global_deadline(tmp_path):
