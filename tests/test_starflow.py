@@ -59,8 +59,8 @@ T, D, L = 16, 2, 3
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_starflow(name: str = "fixture-like", seed: int = 0) -> StarFlow:
-    """A small float64 STARFlow (T=16 tokens of 2 channels) whose blocks all do something."""
+def tiny_starflow(name: str = "fixture-like", seed: int = 0, dtype: torch.dtype = torch.float64) -> StarFlow:
+    """A small STARFlow (T=16 tokens of 2 channels, float64 by default) whose blocks all do something."""
     torch.manual_seed(seed)
     model = StarFlow(**{**BASE, **OPTIONS[name]})
     with torch.no_grad():  # the public init zeroes proj_out and the RMS norms' weights (unit scale)
@@ -68,14 +68,14 @@ def tiny_starflow(name: str = "fixture-like", seed: int = 0) -> StarFlow:
             rms = key.endswith("norm.weight") and not key.endswith(("attention.norm.weight", "mlp.norm.weight"))
             if "proj_out.weight" in key or rms or key.endswith("pos_embed"):
                 p.normal_(0, 0.3 / p.shape[1] ** 0.5 if "proj_out.weight" in key else 0.1 if rms else 0.3)
-    return model.double().eval()
+    return model.to(dtype).eval()
 
 
-def text(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def text(batch: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption embeddings `(batch, L, 8)` and one null caption `(1, L, 8)` for all."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(batch, L, 8, generator=g, dtype=torch.float64)
-    return y, torch.randn(1, L, 8, generator=g, dtype=torch.float64)
+    return y.to(dtype), torch.randn(1, L, 8, generator=g, dtype=torch.float64).to(dtype)
 
 
 def cond_of(name: str, y: torch.Tensor, y_null: torch.Tensor, guided: bool):
@@ -344,6 +344,33 @@ def test_solvers_at_the_bound_equal_serial_float64(name, guided):
         torch.testing.assert_close(zz, z, rtol=0, atol=1e-10)
 
 
+# ------------------------------------------------------------------ bfloat16 autocast (mixed precision)
+
+BF16_RTOL = 3e-2  # stated: per sample, max |x - float32 serial| / max |float32 serial| (measured: 0.3-1.6%)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_bfloat16_autocast_agrees_with_float32_serial_as_option_and_as_callers_context(guided):
+    m, (y, y_null) = tiny_starflow(dtype=torch.float32), text(3, dtype=torch.float32)
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond, g = ((y, y_null), 2.0) if guided else (y, 0.0)
+    with torch.no_grad():
+        ref = solve(as_flow(m, guidance=g), z, Serial(), cond=cond).x
+        for plan in (Serial(), Jacobi(tol=0.0), Jacobi(tol=1e-3)):  # tol > 0: converged samples leave the batch
+            own = sample(m, z, plan, y, y_null, guidance=g, autocast=torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ambient = solve(as_flow(m, guidance=g), z, plan, cond=cond).x
+            err = float(((own - ref).abs().flatten(1).amax(1) / ref.abs().flatten(1).amax(1)).max())
+            assert own.dtype == torch.float32 and torch.equal(own, ambient) and 1e-4 < err <= BF16_RTOL, (plan, err)
+        block, x = as_flow(m, guidance=g, autocast=torch.bfloat16).blocks[0], m.patchify(z).flatten(1, 2)
+        cache = block.init_cache(x, cond)  # the text prefix and the tokens' keys and values in bfloat16
+        rows, full = block.affine_range(cache, x, 0, T), block.affine(x, cond)
+    assert {b.dtype for b in cache.keys + cache.values} == {torch.bfloat16} and cache.outputs.dtype == torch.float32
+    for ours, theirs in zip(rows, full):  # (mu, log_sigma) in float32; the cached range as the full pass, to
+        assert ours.dtype == torch.float32 and float((ours - theirs).abs().max()) < 2e-2  # bf16 rounding x guidance
+    assert "autocast=torch.bfloat16" in repr(block)
+
+
 # ------------------------------------------------------------------ refused options and bad arguments
 
 
@@ -364,11 +391,15 @@ def test_video_options_the_self_denoiser_and_bad_arguments_are_refused_by_name()
     m, z, (y, _) = tiny_starflow(), torch.randn(2, 2, 4, 4, dtype=torch.float64), text(2)
     for call, match in [(lambda: sample(m, z.unsqueeze(2), y=y), "video"), (lambda: m(z.unsqueeze(2), y), "video"),
                         (lambda: sample(m, z, y=y, guidance=2.0), "y_null"), (lambda: sample(m, z), "text embeddings"),
-                        (lambda: as_flow(tiny_starflow("unconditional"), guidance=1.0), "unconditional")]:
+                        (lambda: as_flow(tiny_starflow("unconditional"), guidance=1.0), "unconditional"),
+                        (lambda: as_flow(m, autocast=torch.float32), "autocast must be None, torch.bfloat16 or "
+                         "torch.float16; got torch.float32")]:
         with pytest.raises(ValueError, match=match):
             call()
     with pytest.raises(TypeError, match="model must be a StarFlow"):
         as_flow(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="autocast=torch.bfloat16 needs a float32 model"):  # m is float64
+        sample(m, z, y=y, autocast=torch.bfloat16)
 
 
 # ------------------------------------------------------------------ loading for the planner, the benchmark

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..tarflow.block import TarFlowARBlock
+from ..tarflow.block import TarFlowARBlock, _check_autocast
 from ..tarflow.layers import KV
 from .network import Positions, StarFlowBlock
 from .cache import StarFlowCache
@@ -44,6 +44,17 @@ class StarFlowARBlock(TarFlowARBlock):
     `cond` is `None` the `y`, `y_null` bound at construction are used; a block without text
     ignores it.
 
+    **Mixed precision** (`autocast=torch.bfloat16` or `torch.float16`), as TarFlow's
+    ([`TarFlowARBlock`][arflow_solvers.adapters.tarflow.TarFlowARBlock]): the model and the
+    iterate stay float32; every transformer pass (the prefix's encoding, the cached ranges and
+    the full pass) runs under `torch.autocast(device, autocast)`, so the linear layers and
+    attention run in that dtype (the rest as autocast decides, as for the public network under
+    the same context); the keys and values, prefix included, are cached in that dtype; and the
+    `head` outputs are cast back to the iterate's float32, so the scale, the guidance
+    combination, the log and the affine update run in float32. A solve run inside an
+    `autocast` context of the caller's own is treated the same way (the cache takes that
+    context's dtype).
+
     References:
         STARFlow: Scaling Latent Normalizing Flows for High-resolution Image Synthesis
         (Gu et al., 2025), https://arxiv.org/abs/2506.06276;
@@ -57,26 +68,31 @@ class StarFlowARBlock(TarFlowARBlock):
             `None` for none (attention temperature 1).
         y: default caption embeddings.
         y_null: default null-caption embeddings (guidance).
+        autocast: `torch.bfloat16` or `torch.float16` to run the transformer under
+            `torch.autocast` in that dtype (the model must be float32); `None`: the model's dtype.
     """
 
     def __init__(self, block: StarFlowBlock, rope: VisionRope | None = None,
-                 guidance: LogitsGuidance | None = None, y: Tensor | None = None, y_null: Tensor | None = None):
+                 guidance: LogitsGuidance | None = None, y: Tensor | None = None, y_null: Tensor | None = None,
+                 autocast: torch.dtype | None = None):
         if not isinstance(block, StarFlowBlock):
             raise TypeError(f"block must be a StarFlowBlock; got {type(block).__name__}")
         if guidance is not None and not isinstance(guidance, LogitsGuidance):
             raise TypeError(f"guidance must be a LogitsGuidance; got {type(guidance).__name__}")
         if guidance is not None and guidance.active and block.proj_txt is None:
             raise ValueError("guidance needs a text-conditioned block; this block reads no text")
+        _check_autocast(autocast)
         self.block, self.rope = block, rope
         self.guidance = guidance or LogitsGuidance()
         self.y, self.y_null = y, y_null
-        self.autocast = None
+        self.autocast = autocast
         self.seq_len = block.num_patches
 
     def __repr__(self) -> str:
         g = self.guidance
         extra = f", guidance={g.weight}" if g.active else ""
         extra += f", attn_temp={g.attn_temp}" if g.attn_temp != 1.0 else ""
+        extra += f", autocast={self.autocast}" if self.autocast is not None else ""
         order = "flip" if self.block.flip else "identity"
         text = self.block.proj_txt is not None
         return f"StarFlowARBlock(T={self.seq_len}, D={self.block.in_channels}, order={order}, text={text}{extra})"
@@ -116,13 +132,16 @@ class StarFlowARBlock(TarFlowARBlock):
         """`head` output of image tokens `[start, start + n)` for the `G` groups: `(G, b, n, 2D)`.
 
         `pos_embed` is the solve's `Positions` (the cache's); `class_embed` is unused (STARFlow
-        has no classes: the text is in the cached prefix).
+        has no classes: the text is in the cached prefix). Under autocast the pass runs in the
+        autocast dtype and its output is cast back to `x_tok`'s.
         """
         blk, g = self.block, self.groups
-        h = blk.embed(x_tok, start, pos_embed)
-        h = h if g == 1 else torch.cat([h] * g)
-        h = blk.transformer(h, Context(pos_embed.prefix + start, pos_embed.rope, self.guidance.attn_temp), kv)
-        return blk.head(h).unflatten(0, (g, x_tok.shape[0]))
+        with self._autocast(x_tok.device):
+            h = blk.embed(x_tok, start, pos_embed)
+            h = h if g == 1 else torch.cat([h] * g)
+            h = blk.transformer(h, Context(pos_embed.prefix + start, pos_embed.rope, self.guidance.attn_temp), kv)
+            out = blk.head(h)
+        return out.unflatten(0, (g, x_tok.shape[0])).to(x_tok.dtype)
 
     def _combine(self, out: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """`(G, b, n, 2D)` head rows `[start, start + n)` to guided `(mu, log_sigma)`, `(b, n, D)`."""
@@ -147,7 +166,9 @@ class StarFlowARBlock(TarFlowARBlock):
         self._check_x(x)
         text = self._text(cond, x.shape[0], x)
         xs = x if self.groups == 1 else torch.cat([x] * self.groups)
-        out, _ = self.block.rows(xs, text, self._positions(text, x), self.guidance.attn_temp)
+        with self._autocast(x.device):
+            out, _ = self.block.rows(xs, text, self._positions(text, x), self.guidance.attn_temp)
+        out = out.to(x.dtype)
         return self._combine(out.unflatten(0, (self.groups, x.shape[0])), 0)
 
     # -- CachedARBlock
@@ -165,8 +186,10 @@ class StarFlowARBlock(TarFlowARBlock):
         length = pos.prefix + self.seq_len - 1
         shapes = [(g * batch, layer.attention.num_kv_heads, length, layer.attention.head_dim)
                   for layer in blk.attn_blocks]
+        kv_dtype = self._cache_dtype(z)  # the autocast dtype (own or the caller's), else the model's
         cache = StarFlowCache(
-            keys=[z.new_empty(s) for s in shapes], values=[z.new_empty(s) for s in shapes],
+            keys=[z.new_empty(s, dtype=kv_dtype) for s in shapes],
+            values=[z.new_empty(s, dtype=kv_dtype) for s in shapes],
             outputs=z.new_zeros(g, batch, self.seq_len + 1, blk.proj_out.out_features), fed=z.new_empty(z.shape),
             valid=torch.zeros(batch, dtype=torch.long, device=z.device), class_embed=None, groups=g, batch=batch,
             everyone=torch.arange(batch, device=z.device), pos_embed=pos, prefix=pos.prefix)
@@ -176,9 +199,11 @@ class StarFlowARBlock(TarFlowARBlock):
     def _encode_prefix(self, cache: StarFlowCache, text: Tensor | None) -> None:
         """Write the prefix's keys and values into the cache, and the start token's output as row 0."""
         blk, pos = self.block, cache.pos_embed
-        h = blk.prefix(text, cache.groups * cache.batch, pos)
-        if h is None:
-            return
-        h = blk.transformer(h, Context(0, pos.rope, self.guidance.attn_temp), cache.kv(None, 0))
-        if blk.use_sos:
-            cache.outputs[:, :, 0] = blk.head(h[:, -1]).unflatten(0, (cache.groups, cache.batch))
+        with self._autocast(cache.outputs.device):
+            h = blk.prefix(text, cache.groups * cache.batch, pos)
+            if h is None:
+                return
+            h = blk.transformer(h, Context(0, pos.rope, self.guidance.attn_temp), cache.kv(None, 0))
+            out = blk.head(h[:, -1]) if blk.use_sos else None
+        if out is not None:
+            cache.outputs[:, :, 0] = out.unflatten(0, (cache.groups, cache.batch)).to(cache.outputs.dtype)

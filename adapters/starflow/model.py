@@ -258,7 +258,7 @@ class StarFlow(nn.Module):
 
     def reverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0, attn_temp: float = 1.0,
                 annealed_guidance: bool = False, plan: Any = None, return_sequence: bool = False, *,
-                throw: bool = True) -> Tensor | list[Tensor]:
+                throw: bool = True, autocast: torch.dtype | None = None) -> Tensor | list[Tensor]:
         """Sample latents from noise `z` with the public semantics, serially unless a `plan` is given.
 
         The deep block first (guided when `guidance > 0`), then the shallow blocks (guided too
@@ -275,6 +275,8 @@ class StarFlow(nn.Module):
             plan: a [`Plan`][arflow_solvers.Plan], solver or plan string; `None` is `Serial()`.
             return_sequence: return `[z, after the deep block, after each shallow block]`.
             throw: raise [`SolveError`][arflow_solvers.SolveError] if some samples are not finite.
+            autocast: `torch.bfloat16` (or `torch.float16`) to sample a float32 model under
+                mixed precision (see [`as_flow`][arflow_solvers.adapters.starflow.as_flow]).
 
         Returns:
             `(B, C, H, W)` latents, or the list of `return_sequence`.
@@ -285,4 +287,5 @@ class StarFlow(nn.Module):
         if guidance > 0 and isinstance(y, Tensor) and y.shape[0] == 2 * z.shape[0]:
             y, y_null = y.chunk(2, dim=0)
         return sample(self, z, plan, y, y_null, guidance=guidance, attn_temp=attn_temp,
-                      annealed_guidance=annealed_guidance, return_sequence=return_sequence, throw=throw)
+                      annealed_guidance=annealed_guidance, return_sequence=return_sequence, throw=throw,
+                      autocast=autocast)

@@ -10,6 +10,7 @@ from torch import Tensor
 from arflow_solvers import Flow, Permute, Serial, solve
 
 from .._checkpoint import load_checkpoint
+from ..tarflow.block import _check_autocast
 from .block import StarFlowARBlock
 from .network import StarFlowBlock
 from .guidance import LogitsGuidance
@@ -53,14 +54,15 @@ def _settings(model: StarFlow, index: int, guidance: float, attn_temp: float, an
 
 
 def _steps(model: StarFlow, y: Tensor | None, y_null: Tensor | None, guidance: float, attn_temp: float,
-           annealed: bool, record: list[Tensor] | None) -> list[Any]:
+           annealed: bool, record: list[Tensor] | None, autocast: torch.dtype | None) -> list[Any]:
     flip = Permute(list(range(model.num_patches))[::-1])
     steps: list[Any] = [_Tokens(model)]
     for index in reversed(range(len(model.blocks))):
         block = model.blocks[index]
         if isinstance(block, StarFlowBlock):
             rope = model.feat_rope_gen if index == len(model.blocks) - 1 else model.feat_rope
-            ar = StarFlowARBlock(block, rope, _settings(model, index, guidance, attn_temp, annealed), y, y_null)
+            settings = _settings(model, index, guidance, attn_temp, annealed)
+            ar = StarFlowARBlock(block, rope, settings, y, y_null, autocast)
             steps += [flip, ar, flip] if block.flip else [ar]
         if record is not None and index:
             steps.append(_Latents(model, record, last=False))
@@ -69,7 +71,7 @@ def _steps(model: StarFlow, y: Tensor | None, y_null: Tensor | None, guidance: f
 
 
 def as_flow(model: StarFlow, y: Tensor | None = None, y_null: Tensor | None = None, guidance: float = 0.0,
-            attn_temp: float = 1.0, annealed_guidance: bool = False) -> Flow:
+            attn_temp: float = 1.0, annealed_guidance: bool = False, autocast: torch.dtype | None = None) -> Flow:
     """A STARFlow in sampling order, as a [`Flow`][arflow_solvers.Flow] for the solvers.
 
     Steps: patchify `(B, C, H, W)` noise to `(B, T, D)` tokens, then per block of
@@ -90,20 +92,30 @@ def as_flow(model: StarFlow, y: Tensor | None = None, y_null: Tensor | None = No
         guidance: guidance weight of the deep block (and of the others unless `cond_top_only`).
         attn_temp: attention temperature of every block's passes.
         annealed_guidance: accepted for the public signature; no effect.
+        autocast: `torch.bfloat16` (or `torch.float16`) to sample under mixed precision, as
+            under `torch.autocast("cuda", torch.bfloat16)`: a float32 model and iterate, the
+            transformer passes under `torch.autocast` (linear layers and attention in that
+            dtype), keys and values cached in that dtype, and the `head` outputs returned in
+            float32, so the scale, the guidance and the affine update run in float32. `None`
+            (default): everything in the model's dtype (the public `sample.py` samples in float32).
 
     Examples:
         >>> model = StarFlow(4, 8, 1, channels=32, num_blocks=3, layers_per_block=[1, 0, 2], head_dim=16,
         ...                  rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=True)
         >>> as_flow(model, guidance=2.0).num_blocks  # the identity block is left out
         2
+        >>> as_flow(model, autocast=torch.bfloat16).blocks[0].autocast
+        torch.bfloat16
     """
     _check_model(model, guidance)
-    return Flow(_steps(model, y, y_null, guidance, attn_temp, annealed_guidance, None))
+    _check_autocast(autocast)
+    return Flow(_steps(model, y, y_null, guidance, attn_temp, annealed_guidance, None, autocast))
 
 
 def sample(model: StarFlow, z: Tensor, plan: Any = None, y: Tensor | None = None, y_null: Tensor | None = None,
            guidance: float = 0.0, attn_temp: float = 1.0, annealed_guidance: bool = False,
-           return_sequence: bool = False, *, throw: bool = True) -> Tensor | list[Tensor]:
+           return_sequence: bool = False, *, throw: bool = True,
+           autocast: torch.dtype | None = None) -> Tensor | list[Tensor]:
     """Sample latents with a plan: the public `reverse` semantics, any solver per block.
 
     References:
@@ -123,18 +135,21 @@ def sample(model: StarFlow, z: Tensor, plan: Any = None, y: Tensor | None = None
         return_sequence: return `[z, after the deep block, after each further block]`.
         throw: raise [`SolveError`][arflow_solvers.SolveError] (which carries the Solution)
             if some samples are not finite; `False` returns them as NaN.
+        autocast: `torch.bfloat16` to sample under mixed precision (see
+            [`as_flow`][arflow_solvers.adapters.starflow.as_flow]); the latents stay float32.
 
     Returns:
         `(B, C, H, W)` latents, or the list of `return_sequence`.
     """
     _check_model(model, guidance)
+    _check_autocast(autocast)
     _check_noise(model, z)
     y = model.check_text(y, z.shape[0])
     if guidance > 0 and y_null is None:
         raise ValueError("guidance > 0 needs y_null, the null captions' embeddings (the public code's empty "
                          "caption), or reverse(z, torch.cat([y, y_null]), guidance)")
     record: list[Tensor] | None = [z] if return_sequence else None
-    flow = Flow(_steps(model, None, None, guidance, attn_temp, annealed_guidance, record))
+    flow = Flow(_steps(model, None, None, guidance, attn_temp, annealed_guidance, record, autocast))
     cond = y if y is None or not guidance else (y, y_null)
     x = solve(flow, z, Serial() if plan is None else plan, cond=cond, throw=throw).x
     return record if record is not None else x
