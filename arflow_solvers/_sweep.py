@@ -13,17 +13,27 @@ from .divergence import DivergencePolicy, Watch
 from .solution import Status
 from .stopping import StoppingRule
 
-__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep"]
+__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep", "MIN_ROWS"]
+
+MIN_ROWS = 16
+"""A shrunk batch is padded with other samples to at least this many rows: matrix-multiply
+kernels take other paths, which round otherwise, for a handful of rows."""
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """How a segment is iterated: the stopping rule, divergence watch and policy, batch shape."""
+    """How a segment is iterated: the stopping rule, divergence watch and policy, batch shape.
+
+    `drop_converged` evaluates only the samples still iterating. `certify` (the exact mode)
+    evaluates every sample while more than half of them iterate, then only those, and
+    finally checks the answer of every sample with one evaluation at the full batch shape.
+    """
 
     rule: StoppingRule
     patience: int
     policy: DivergencePolicy
     drop_converged: bool
+    certify: bool = False
 
 
 @dataclass
@@ -43,50 +53,147 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     `< start + first_exact + k` equal the serial answer, so the sweep ends at `stop` at the
     latest (the exactness bound). While every sample is swept, exact rows are committed to a
     KV cache as they become exact.
+
+    In the exact mode (`options.certify`) the network may round a row differently for a
+    smaller batch, so the answer of a shrunk batch is a fixed point of another map. One
+    evaluation of every sample at the full batch shape then certifies it: a sample none of
+    whose rows moves is the fixed point of the full-shape map, which is unique (the map is
+    causal) and is the serial answer. A sample that moves goes on at the full shape, from
+    the rows that did not.
     """
-    batch = x.shape[0]
-    iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
-    status = torch.zeros(batch, dtype=torch.long, device=x.device)
-    history: list[tuple[Tensor, Tensor]] = []
-    watch = Watch(batch, options.patience, x)
-    finite = ev.finite_noise(samples)
-    if not bool(finite.all()):  # non-finite noise: no solver can give a finite answer
-        x[samples[~finite], start:stop] = math.nan
-        status[samples[~finite]] = Status.NONFINITE
-    active = samples[finite]
-    exact = start + first_exact
-    for _ in range(max_iters):
-        if exact >= stop or active.numel() == 0:
-            break
-        # Full-pass blocks also recompute the last row this sweep made exact, for free: with
-        # the rows before it frozen, it must not move.
-        recheck = exact > start and not ev.cached
-        new = _evaluate(ev, x, samples, active, exact - recheck, stop, options.drop_converged)
-        if recheck:
-            _check_still(ev, x[active, exact - 1], new[:, 0], exact - 1)
-            new = new[:, 1:]
-        old = x[:, exact:stop] if active.numel() == batch else x[active, exact:stop]
-        distance = options.rule.distance(new, old)
-        converged = options.rule.met(distance, new)
-        if active.numel() == batch:
-            x[:, exact:stop] = new
+    segment = _Segment(ev, x, start, stop, samples, options)
+    active = segment.finite_samples()
+    mode = _mode(options, ev, samples, x.shape[0])
+    active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
+    if segment.shrunk_from is not None:
+        active, exact = segment.certify(active, exact)
+        to_bound = max_iters >= stop - start - first_exact
+        budget = stop - exact if to_bound else max_iters - used - 1
+        active, exact, _ = segment.iterate(active, exact, budget, "fixed")
+    return segment.outcome(active, exact)
+
+
+def _mode(options: SweepOptions, ev: Evaluator, samples: Tensor, batch: int) -> str:
+    """`"certify"` (exact mode over the whole batch), `"drop"` or `"fixed"` (batch shape kept)."""
+    if options.certify and samples.numel() == batch and not ev.cached and batch > 2 * MIN_ROWS:
+        return "certify"
+    return "drop" if options.drop_converged else "fixed"
+
+
+class _Segment:
+    """The state of one sweep: the iterate, per-sample counts, statuses and update history."""
+
+    def __init__(self, ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor,
+                 options: SweepOptions):
+        self.ev, self.x, self.start, self.stop, self.samples, self.options = ev, x, start, stop, samples, options
+        batch = x.shape[0]
+        self.iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
+        self.status = torch.zeros(batch, dtype=torch.long, device=x.device)
+        self.history: list[tuple[Tensor, Tensor]] = []
+        self.watch = Watch(batch, options.patience, x)
+        self.shrunk_from: int | None = None  # the first row computed on a shrunk batch (certify mode)
+
+    def finite_samples(self) -> Tensor:
+        """The samples whose noise is finite; the others get NaN rows and `NONFINITE` now."""
+        finite = self.ev.finite_noise(self.samples)
+        if bool(finite.all()):  # non-finite noise: no solver can give a finite answer
+            return self.samples
+        bad = self.samples[~finite]
+        self.x[bad, self.start:self.stop] = math.nan
+        self.status[bad] = Status.NONFINITE
+        return self.samples[finite]
+
+    def iterate(self, active: Tensor, exact: int, budget: int, mode: str) -> tuple[Tensor, int, int]:
+        """Up to `budget` iterations from exact prefix `exact`; returns `(active, exact, iterations)`."""
+        ev, x, stop, options = self.ev, self.x, self.stop, self.options
+        used = 0
+        while used < budget and exact < stop and active.numel():
+            if self.shrunk_from is not None and (used == budget - 1 or exact == stop - 1):
+                break  # the last iteration is the certifying one
+            # Full-pass blocks also recompute the last row this sweep made exact, for free: with
+            # the rows before it frozen, it must not move.
+            recheck = exact > self.start and not ev.cached
+            new = self._evaluate(active, exact - recheck, mode, exact)
+            if recheck:
+                _check_still(ev, x[active, exact - 1], new[:, 0], exact - 1)
+                new = new[:, 1:]
+            everyone = active.numel() == x.shape[0]
+            old = x[:, exact:stop] if everyone else x[active, exact:stop]  # overwritten just below
+            distance = options.rule.distance(new, old, overwrite=True)
+            converged = options.rule.met(distance, new)
+            if everyone:
+                x[:, exact:stop] = new
+            else:
+                x[active, exact:stop] = new
+            del new, old
+            exact += 1
+            used += 1
+            self.iterations[active] += 1
+            self.history.append((active, distance))
+            if exact >= stop:
+                break
+            diverging = self.watch.diverging(active, distance)
+            if bool(diverging.any()):
+                _diverged(ev, x, active[diverging], exact, stop, self.iterations, self.status, options)
+            if self.samples.numel() == x.shape[0]:  # rows < exact are final for every sample
+                ev.commit(x, exact)
+            active = active[~(converged | diverging)]
+        return active, exact, used
+
+    def _evaluate(self, active: Tensor, start: int, mode: str, exact: int) -> Tensor:
+        """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
+        ev, x, samples = self.ev, self.x, self.samples
+        if active.numel() == x.shape[0]:
+            return ev.update(x, None, start, self.stop)
+        if mode == "drop":
+            return ev.update(x[active], active, start, self.stop)
+        if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.stop - 1:
+            self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
+            rows = _padded(active, samples, x.shape[0])
+            return ev.update(x[rows], rows, start, self.stop)[: active.numel()]
+        # Evaluate every sample of the segment so the network sees the same batch shape.
+        if samples.numel() == x.shape[0]:
+            new = ev.update(x, None, start, self.stop)
         else:
-            x[active, exact:stop] = new
-        del new, old
-        exact += 1
-        iterations[active] += 1
-        history.append((active, distance))
-        if exact >= stop:
-            break
-        diverging = watch.diverging(active, distance)
-        if bool(diverging.any()):
-            _diverged(ev, x, active[diverging], exact, stop, iterations, status, options)
-        if samples.numel() == batch:  # rows < exact are final for every sample
-            ev.commit(x, exact)
-        active = active[~(converged | diverging)]
-    if exact < stop and active.numel():
-        status[active] = Status.MAX_ITERS
-    return Outcome(iterations, _residuals(history, batch, x), status)
+            new = ev.update(x[samples], samples, start, self.stop)
+        return new[torch.searchsorted(samples, active)]
+
+    def certify(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
+        """One evaluation of every sample at the full shape; returns those that moved and their exact prefix.
+
+        Rows before `shrunk_from` were computed at the full shape. For each sample the rows
+        before the first one that moves are the fixed point, so that row, computed from them,
+        is final; a sample none of whose rows moves (but the last) is done.
+        """
+        x, lo, stop = self.x, self.shrunk_from, self.stop
+        new = self.ev.update(x, None, lo, stop)
+        checked = self.samples[(self.status[self.samples] == Status.CONVERGED) & self.ev.finite_noise(self.samples)]
+        new, old = new[checked], x[checked, lo:stop]
+        moved = (new != old).flatten(2).any(2)
+        first = torch.where(moved.any(1), moved.to(torch.uint8).argmax(1), stop - lo) + lo
+        x[checked, lo:stop] = new
+        self.iterations[checked] += 1
+        self.history.append((checked, self.options.rule.distance(new, old)))
+        going_on = first < stop - 1
+        if not bool(going_on.any()):
+            return active[:0], stop
+        return checked[going_on], int(first[going_on].min()) + 1
+
+    def outcome(self, active: Tensor, exact: int) -> Outcome:
+        """The result; samples still iterating short of the bound get `MAX_ITERS`."""
+        if exact < self.stop and active.numel():
+            self.status[active] = Status.MAX_ITERS
+        return Outcome(self.iterations, _residuals(self.history, self.x.shape[0], self.x), self.status)
+
+
+def _padded(active: Tensor, samples: Tensor, batch: int) -> Tensor:
+    """`active` followed by other `samples`, at least `MIN_ROWS` rows in all."""
+    missing = MIN_ROWS - active.numel()
+    if missing <= 0:
+        return active
+    member = torch.zeros(batch, dtype=torch.bool, device=active.device)
+    member[active] = True
+    return torch.cat([active, samples[~member[samples]][:missing]])
 
 
 class NotCausalError(ValueError):
@@ -104,6 +211,8 @@ class NotCausalError(ValueError):
 
 def _check_still(ev: Evaluator, before: Tensor, after: Tensor, row: int) -> None:
     """Raise `NotCausalError` if exact row `row` moved by more than rounding when recomputed."""
+    if torch.equal(before, after):
+        return
     eps = torch.finfo(before.dtype).eps
     moved = (after - before).abs().amax(dim=-1)
     limit = 1e3 * eps * (1 + before.abs().amax(dim=-1))
@@ -136,22 +245,6 @@ def _diverged(ev: Evaluator, x: Tensor, suspects: Tensor, exact: int, stop: int,
     spent, outcome = options.policy.handle(x, suspects, exact, stop, resolve)
     iterations[suspects] += spent
     status[suspects] = outcome
-
-
-def _evaluate(ev: Evaluator, x: Tensor, samples: Tensor, active: Tensor, start: int, stop: int,
-              drop_converged: bool) -> Tensor:
-    """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
-    batch = x.shape[0]
-    if active.numel() == batch:
-        return ev.update(x, None, start, stop)
-    if drop_converged:
-        return ev.update(x[active], active, start, stop)
-    # Evaluate every sample of the segment so the network always sees the same batch shape.
-    if samples.numel() == batch:
-        new = ev.update(x, None, start, stop)
-    else:
-        new = ev.update(x[samples], samples, start, stop)
-    return new[torch.searchsorted(samples, active)]
 
 
 def _residuals(history: list[tuple[Tensor, Tensor]], batch: int, like: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import init as inits
-from ._evaluate import Evaluator
+from ._evaluate import Evaluator, finite_rows
 from ._sweep import SweepOptions, sweep
 from .divergence import PolicyLike, as_policy
 from .solution import BlockStats, Status
@@ -147,7 +147,7 @@ def _block_stats(solver: Solver, index: int, ev: Evaluator, x: Tensor, began: fl
                  bounds: tuple, iterations: Tensor, residuals: tuple, status: Tensor) -> BlockStats:
     """Statistics of a finished block solve; a sample with a non-finite result is `NONFINITE`."""
     _sync(x)
-    finite = torch.isfinite(x.flatten(1)).all(1)
+    finite = finite_rows(x)
     status = torch.where(finite, status, status.clamp(min=Status.NONFINITE))
     return BlockStats(
         index=index,
@@ -197,9 +197,10 @@ class _Iterative(Solver):
         return 1
 
     def _sweep_options(self) -> SweepOptions:
-        drop = self.tol > 0 or self.atol > 0 if self.drop_converged is None else self.drop_converged
+        tolerance = self.tol > 0 or self.atol > 0
+        drop = tolerance if self.drop_converged is None else self.drop_converged
         return SweepOptions(StoppingRule(self.tol, self.atol, self.norm), self.patience,
-                            as_policy(self.on_divergence), drop)
+                            as_policy(self.on_divergence), drop, certify=self.drop_converged is None and not tolerance)
 
     @torch.no_grad()
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
@@ -214,7 +215,8 @@ class _Iterative(Solver):
                 f"init must return a tensor shaped and typed like z {tuple(z.shape)} {z.dtype}; "
                 f"got {getattr(x, 'shape', type(x).__name__)}"
             )
-        x = x.clone()
+        if self.init not in _FRESH_INITS:  # the built-in guesses return a new tensor
+            x = x.clone()
         everyone = torch.arange(batch, device=z.device)
         first_exact = inits.exact_prefix(self.init)
         options = self._sweep_options()
@@ -274,8 +276,11 @@ class Jacobi(_Iterative):
             differently for different batch sizes, so with `tol=0` a shrinking batch can keep
             an iterate jittering in its last bit until the bound, while a fixed shape reaches
             the exact fixed point, bit-identical to a reference sampler that iterates the
-            same update (e.g. nflows). `None` (default): drop when a tolerance is set, keep
-            the shape when `tol == atol == 0`.
+            same update (e.g. nflows). `None` (default): drop when a tolerance is set; when
+            `tol == atol == 0`, certify: keep the shape while more than half of the samples
+            iterate, then evaluate only those (at least 16 rows), and end with one call at the
+            full shape that checks every sample's answer (a sample that moves there goes on at
+            the full shape), so the result is still the full-shape fixed point, bit for bit.
         on_divergence: `"fall_back"` (default), `"give_up"`, or any
             [`DivergencePolicy`][arflow_solvers.divergence.DivergencePolicy].
 
@@ -347,6 +352,9 @@ class GSJacobi(_Iterative):
 
     def _segments(self) -> int | tuple[int, ...]:
         return self.segments
+
+
+_FRESH_INITS = (inits.noise, inits.zeros, inits.zeros_first_exact)
 
 
 def _check_update_dtype(dtype: Any) -> None:

@@ -65,9 +65,16 @@ class StoppingRule:
         if self.norm not in _NORMS:
             raise ValueError(f"norm must be one of {sorted(_NORMS)}; got {self.norm!r}")
 
-    def distance(self, new: Tensor, old: Tensor) -> Tensor:
-        """`(B,)` norm of each sample's update `new - old` (each `(B, rows, D)`)."""
-        return _NORMS[self.norm](new - old)
+    def distance(self, new: Tensor, old: Tensor, overwrite: bool = False) -> Tensor:
+        """`(B,)` norm of each sample's update `new - old` (each `(B, rows, D)`).
+
+        `overwrite=True` computes the update in `old`'s memory (which the caller then
+        discards or overwrites), without a new tensor.
+        """
+        update = old.sub_(new) if overwrite else new - old  # the sign does not matter to a norm
+        if self.norm == "max":  # the update is ours: take |.| in place
+            return update.abs_().amax(dim=(1, 2))
+        return _rms(update)
 
     def met(self, distance: Tensor, new: Tensor) -> Tensor:
         """`(B,)` bool: whether each sample's update `distance` meets the rule at iterate `new`."""

@@ -14,7 +14,7 @@
 """
 
 from .block import MaskedAffineBlock, MaskedARBlock, check_sampleable
-from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push, analyse, pointwise
+from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push, analyse, pointwise, take_columns
 from .packed import PackedLinear, degree_order
 from .program import DenseProgram, PackedProgram
 from .steps import ToFeatures, ToSequence, run_stages, sampling_steps
@@ -42,4 +42,5 @@ __all__ = [
     "pointwise",
     "run_stages",
     "sampling_steps",
+    "take_columns",
 ]

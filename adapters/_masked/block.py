@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .network import Analysis, MaskedNetwork, analyse
+from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
 
@@ -119,6 +119,8 @@ class MaskedARBlock:
         self.transform, self.bitwise, self.context = transform, bitwise, context
         self.network = self.read_network(transform)
         self._program: DenseProgram | PackedProgram | None = None
+        self._noise: tuple[Tensor, Tensor] | None = None  # in a snapshot: the noise and its library-order copy
+        self._buffers: dict[int, Tensor] | None = None  # in a snapshot: the network's outputs, reused by each sweep
         if self.network is None:  # opaque: called as the library calls it, assumed causal in its order
             self.seq_len = self.opaque_features(transform)
             self.order = self._position = torch.arange(self.seq_len)
@@ -189,6 +191,7 @@ class MaskedARBlock:
             raise ValueError(f"{self.name}'s masks changed since it was wrapped (a state dict with other "
                              "masks loaded?); wrap the flow again")
         solving = copy.copy(self)
+        solving._noise, solving._buffers = None, {}
         if self.bitwise:
             solving._program = DENSE(self.transform, self.network, analysis)
         else:
@@ -202,8 +205,12 @@ class MaskedARBlock:
             raise ValueError(f"{self.name} was wrapped with a context; do not also pass cond")
         return self.context.expand(batch, -1)
 
-    def _network_output(self, x: Tensor, cond: Any) -> Tensor:
-        """The network's `(B, out)` output (library layout) for the `(B, F)` iterate in our order."""
+    def _network_output(self, x: Tensor, cond: Any, reuse: bool = False) -> Tensor:
+        """The network's `(B, out)` output (library layout) for the `(B, F)` iterate in our order.
+
+        `reuse`: in a snapshot, the dense network writes into this solve's buffers (the output
+        is overwritten by the next such call: for a sweep, whose result is computed from it).
+        """
         program = self._program
         if self.network is None:
             return self.call_network(x, self._bind(cond, x.shape[0]))
@@ -213,15 +220,26 @@ class MaskedARBlock:
                 program = PACKED(self.transform, self.network, analysis, self.name)
             else:
                 program = DenseProgram(self.network, analysis)
+        if reuse and isinstance(program, DenseProgram) and self._buffers is not None:
+            return program(x, self._bind(cond, x.shape[0]), self._buffers)
         return program(x, self._bind(cond, x.shape[0]))
 
     def _to_order(self, values: Tensor) -> Tensor:
         """Library-order `(B, F)` values in our order."""
-        return values if self._identity else values.index_select(1, self.order)
+        return values if self._identity else take_columns(values, self.order)
 
     def _to_library(self, values: Tensor) -> Tensor:
         """Our-order `(B, F)` values in library order."""
-        return values if self._identity else values.index_select(1, self._position)
+        return values if self._identity else take_columns(values, self._position)
+
+    def _library_noise(self, z: Tensor) -> Tensor:
+        """`(B, T, 1)` noise as `(B, F)` in library order; in a snapshot, reordered once per noise tensor."""
+        flat = _flat(z, self.seq_len, "z")
+        if self._identity or self._program is None:
+            return self._to_library(flat)
+        if self._noise is None or self._noise[0] is not z:
+            self._noise = (z, self._to_library(flat))
+        return self._noise[1]
 
     def log_det(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """`(B,)` log |det dx/dz| of the block's sampling map at its solution `x` for noise `z` (`(B, T, 1)`)."""
@@ -231,9 +249,8 @@ class MaskedARBlock:
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
-        flat_x, flat_z = _flat(x, self.seq_len, "x"), _flat(z, self.seq_len, "z")
-        params = self._network_output(flat_x, cond)
-        return self._to_order(self.univariate_inverse(params, self._to_library(flat_z))).reshape(x.shape)
+        params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)
+        return self._to_order(self.univariate_inverse(params, self._library_noise(z))).reshape(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, features={self.seq_len})"

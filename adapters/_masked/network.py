@@ -37,6 +37,7 @@ __all__ = [
     "Push",
     "analyse",
     "pointwise",
+    "take_columns",
 ]
 
 
@@ -213,8 +214,9 @@ def _output_deps(network: MaskedNetwork) -> Tensor:
 
 
 def _autoregressive_order(deps: Tensor, name: str) -> Tensor:
-    """Features sorted so that each reads only earlier ones: the library order when it is such an
-    order, else sorted by how many features each reads, else by generations (ties in library order)."""
+    """Features sorted so that each reads only earlier ones: the library order or its reversal when
+    one is such an order (a reversal is a cheap flip), else sorted by how many features each reads,
+    else by generations (ties in library order)."""
     features = deps.shape[0]
     if bool(deps.diagonal().any()):
         bad = torch.nonzero(deps.diagonal()).flatten().tolist()
@@ -222,6 +224,8 @@ def _autoregressive_order(deps: Tensor, name: str) -> Tensor:
                          "those features themselves")
     order = torch.arange(features, device=deps.device)  # the library's own order when it is one
     if bool(torch.triu(deps).any()):
+        order = order.flip(0)  # reversed, as MAF stacks reverse every other transform
+    if bool(torch.triu(deps[order][:, order]).any()):
         order = torch.sort(deps.sum(1), stable=True).indices  # nested (MADE-like) connectivity
     if bool(torch.triu(deps[order][:, order]).any()):  # any other acyclic graph: its generations
         generation = torch.full((features,), -1, dtype=torch.long, device=deps.device)
@@ -283,6 +287,19 @@ def _unit_orders(network: MaskedNetwork, outputs: Tensor) -> tuple[Tensor, dict[
             counts = sum(mask.detach().ne(0).sum(0) for mask in masks)
             orders[root] = torch.sort(-counts, stable=True).indices
     return orders[find(first)], {i: (orders[find(r)], orders[find(c)]) for i, (r, c) in edges.items()}
+
+
+def take_columns(values: Tensor, index: Tensor) -> Tensor:
+    """`values[:, index]` for `(B, F)` values: a copy, by a flip when `index` reverses the columns.
+
+    A flip reads and writes rows contiguously, several times faster than a column gather, and
+    the values are the same (a copy). MAF stacks alternate reversed orders, so every other
+    block takes this path on every pass.
+    """
+    count = index.shape[0]
+    if int(index[0]) == count - 1 and bool(torch.equal(index, torch.arange(count - 1, -1, -1, device=index.device))):
+        return values.flip(1)
+    return values.index_select(1, index)
 
 
 def analyse(network: MaskedNetwork, name: str = "the network") -> Analysis:

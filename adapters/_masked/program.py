@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push
+from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push, take_columns
 from .packed import PackedLinear
 
 __all__ = ["DenseProgram", "PackedProgram", "products"]
@@ -60,24 +60,30 @@ class DenseProgram:
     def __init__(self, network: MaskedNetwork, analysis: Analysis, weights: dict[int, Tensor] | None = None):
         self.network, self.analysis, self.weights = network, analysis, weights
 
-    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
-        """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout."""
-        if not self.analysis.identity:
-            x = x.index_select(1, self.analysis.position)
-        return self.run(x, cond)
+    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
+        """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout.
 
-    def run(self, x: Tensor, cond: Any = None) -> Tensor:
+        `buffers` (op index to tensor, filled here) lets the masked products of successive calls
+        write into the same tensors, as `F.linear` computes them (`addmm`); the output is then
+        overwritten by the next call.
+        """
+        if not self.analysis.identity:
+            x = take_columns(x, self.analysis.position)
+        return self.run(x, cond, buffers)
+
+    def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
         """`(B, F)` inputs in library order to the `(B, out)` output."""
         network = self.network
         weights = products(network) if self.weights is None else self.weights
         h = x if network.preprocess is None else network.preprocess(x)
         h = _with_context(network, h, cond)
         stack: list[Tensor] = []
+        owned = False  # whether h is an intermediate of this call that nothing else holds
         for index, op in enumerate(network.program):
             if isinstance(op, Masked):
-                h = F.linear(h, weights[index], op.layer.bias)
+                h = _linear(h, weights[index], op.layer.bias, buffers, index)
             elif isinstance(op, Apply):
-                h = op.fn(h)
+                h = torch.relu_(h) if owned and not torch.is_grad_enabled() and _is_relu(op.fn) else op.fn(h)
             elif isinstance(op, Context):
                 if cond is None:  # as nflows' MADE does: a conditional layer called without context
                     continue
@@ -89,7 +95,23 @@ class DenseProgram:
                 h = stack.pop() + h
             else:
                 h = h + F.linear(stack.pop(), weights[index], op.layer.bias)
+            owned = not isinstance(op, Push) and (owned or not isinstance(op, Apply))
         return h
+
+
+def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, buffers: dict[int, Tensor] | None, index: int) -> Tensor:
+    """`F.linear(h, weight, bias)`, into `buffers[index]` when given: the same `addmm`, so the same bits."""
+    if buffers is None or bias is None or h.dim() != 2 or torch.is_grad_enabled():
+        return F.linear(h, weight, bias)
+    out = buffers.get(index)
+    if out is None or out.shape != (h.shape[0], weight.shape[0]) or out.dtype != h.dtype:
+        out = buffers[index] = h.new_empty(h.shape[0], weight.shape[0])
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _is_relu(fn: Any) -> bool:
+    """Whether `fn` is ReLU, which may then run in place: the same values without a new tensor."""
+    return type(fn) is torch.nn.ReLU or fn is F.relu or fn is torch.relu
 
 
 class PackedProgram:

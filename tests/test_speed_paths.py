@@ -1,0 +1,165 @@
+"""The fast paths keep the exact mode exact: shrinking batches are certified, reused buffers and in-place steps
+give the library's bits, and a faster way of doing the same thing is checked against the library's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arflow_solvers import Jacobi, solve
+from arflow_solvers._sweep import MIN_ROWS
+from arflow_solvers.adapters._masked import take_columns
+
+zuko = pytest.importorskip("zuko")
+
+from zuko.flows import MAF, NSF  # noqa: E402
+from zuko.transforms import MonotonicAffineTransform  # noqa: E402
+
+from arflow_solvers.adapters import zuko as zuko_adapter  # noqa: E402
+from arflow_solvers.adapters.zuko import ZukoAffineBlock, ar_block, inverse, wrap  # noqa: E402
+from toys import randomise  # noqa: E402
+
+EXACT = Jacobi(tol=0.0)
+FIXED_SHAPE = Jacobi(tol=0.0, drop_converged=False)
+
+
+class Wobbly:
+    """`x_t = z_t + a x_{t-1}`, computed with an error of one part in 1e6 when the batch is not the full one.
+
+    A stand-in for a network whose products round differently for a smaller batch, exaggerated:
+    its fixed point at the full batch shape is not the one a shrunk batch iterates to.
+    """
+
+    seq_len = 24
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.calls: list[int] = []
+
+    def inverse_map(self, x, z, cond=None):
+        self.calls.append(x.shape[0])
+        a = 0.5 if x.shape[0] == self.batch else 0.5 * (1 + 1e-6)
+        return z + a * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+def test_a_shrunk_batch_that_rounds_otherwise_is_certified_and_finished_at_the_full_shape():
+    batch = 4 * MIN_ROWS
+    z = torch.randn(batch, Wobbly.seq_len, 1)
+    z[: batch // 2] = 0.0  # half the samples are converged at once: the batch shrinks
+    expected = solve(Wobbly(batch), z, FIXED_SHAPE).x
+    block = Wobbly(batch)
+    solution = solve(block, z, EXACT)
+    assert torch.equal(solution.x, expected)
+    assert min(block.calls) < batch  # it did shrink, and the answer is still the full-shape fixed point
+    assert block.calls[-1] == batch
+
+
+def test_exact_mode_certifies_with_one_full_batch_call_when_shrunk_batches_round_alike():
+    class Linear(Wobbly):
+        def inverse_map(self, x, z, cond=None):
+            self.calls.append(x.shape[0])
+            return z + 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+    batch = 4 * MIN_ROWS
+    z = torch.randn(batch, Linear.seq_len, 1, dtype=torch.float64)
+    z[: batch // 2] = 0.0
+    block = Linear(batch)
+    solution = solve(block, z, EXACT)
+    assert torch.equal(solution.x, solve(Linear(batch), z, FIXED_SHAPE).x)
+    shrunk = [rows for rows in block.calls if rows < batch]
+    assert shrunk and min(shrunk) >= MIN_ROWS
+    assert block.calls[-1] == batch and block.calls[-2] < batch  # one certifying call at the end
+    assert solution.blocks[0].work < solution.blocks[0].passes
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), spline=st.booleans(), features=st.integers(8, 24),
+       batch=st.integers(3 * MIN_ROWS, 8 * MIN_ROWS))
+def test_exact_mode_on_large_float32_batches_is_zukos_inverse_bit_for_bit(seed, spline, features, batch):
+    torch.manual_seed(seed)
+    flow = (NSF(features, transforms=3, bins=4) if spline else MAF(features, transforms=3))
+    randomise(flow, seed, 0.3)
+    z = torch.randn(batch, features)
+    with torch.no_grad():
+        expected = flow().transform.inv(z)
+    for plan in (EXACT, FIXED_SHAPE):
+        x, solution = inverse(flow, z, plan, return_solution=True)
+        # a sample that diverged is re-solved at its own batch shape, to rounding (documented)
+        plain = torch.stack([block.status == 0 for block in solution.blocks]).all(0)
+        assert torch.equal(x[plain], expected[plain])
+
+
+def test_maf_reversed_transforms_are_solved_in_the_reversed_order():
+    flow = MAF(30, transforms=2, hidden_features=(16, 16))  # fewer hidden units than features: tied degrees
+    orders = [ar_block(t).order for t in flow.transform.transforms if hasattr(t, "hyper")]
+    assert torch.equal(orders[0], torch.arange(30))
+    assert torch.equal(orders[1], torch.arange(29, -1, -1))
+
+
+def test_take_columns_is_a_column_gather():
+    values = torch.randn(5, 7)
+    for index in (torch.arange(6, -1, -1), torch.randperm(7), torch.arange(7)):
+        assert torch.equal(take_columns(values, index), values[:, index])
+
+
+def test_successive_sweeps_of_a_snapshot_return_independent_tensors():
+    torch.manual_seed(0)
+    flow = MAF(6, transforms=1)
+    block = ar_block(flow.transform.transforms[0]).snapshot()
+    x, z = torch.randn(40, 6, 1), torch.randn(40, 6, 1)
+    with torch.no_grad():
+        first = block.inverse_map(x, z)
+        kept = first.clone()
+        block.inverse_map(torch.randn(40, 6, 1), z)  # the network writes into the same buffers
+    assert torch.equal(first, kept)
+
+
+@pytest.mark.parametrize("slope", [None, 1e-2])
+def test_the_in_place_affine_sweep_is_zukos_and_is_checked_once_per_solve(slope):
+    from functools import partial
+
+    torch.manual_seed(1)
+    univariate = MonotonicAffineTransform if slope is None else partial(MonotonicAffineTransform, slope=slope)
+    flow = MAF(12, transforms=2)
+    for t in flow.transform.transforms:
+        if hasattr(t, "hyper"):
+            t.univariate = univariate
+    randomise(flow, 1, 0.5)
+    z = torch.randn(80, 12)
+    with torch.no_grad():
+        expected = flow().transform.inv(z)
+    snapshots = []
+    original = ZukoAffineBlock.snapshot
+
+    def recorded(self):
+        snapshots.append(original(self))
+        return snapshots[-1]
+
+    ZukoAffineBlock.snapshot = recorded
+    try:
+        assert torch.equal(inverse(flow, z, EXACT), expected)
+    finally:
+        ZukoAffineBlock.snapshot = original
+    assert snapshots and all(s._in_place is True for s in snapshots)
+
+
+def test_an_in_place_sweep_that_differs_from_zukos_is_not_used(monkeypatch):
+    torch.manual_seed(2)
+    flow = MAF(10, transforms=2)
+    z = torch.randn(70, 10)
+    with torch.no_grad():
+        expected = flow().transform.inv(z)
+    real = zuko_adapter._affine_inverse_in_place
+    monkeypatch.setattr(zuko_adapter, "_affine_inverse_in_place", lambda *args: real(*args) * (1 + 1e-6))
+    assert torch.equal(inverse(flow, z, EXACT), expected)
+
+
+def test_wrap_still_solves_nsf_in_float64_exactly_with_context():
+    torch.manual_seed(3)
+    flow = NSF(9, context=2, transforms=2, bins=4).double()
+    c, z = torch.randn(2, dtype=torch.float64), torch.randn(100, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = flow(c).transform.inv(z)
+    assert torch.equal(solve(wrap(flow, c), z, EXACT).x, expected)
