@@ -114,12 +114,15 @@ class Permute:
         if order.dim() != 1 or not torch.equal(order.sort().values, torch.arange(len(order))):
             raise ValueError(f"order must be a permutation of range(T); got {order.tolist()}")
         self.order = order
+        self._reversal = bool(torch.equal(order, torch.arange(len(order) - 1, -1, -1)))
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         if x.dim() < 2 or x.shape[1] != len(self.order):
             raise ValueError(f"Permute of {len(self.order)} positions got an input of shape "
                              f"{tuple(x.shape)}; expected (B, {len(self.order)}, ...)")
-        return x[:, self.order.to(x.device)]
+        if self._reversal:  # the order between MAF layers; a flip is several times cheaper than a gather
+            return x.flip(1)
+        return x.index_select(1, self.order.to(x.device))
 
     def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """The permuted `x` and its log |det|, zero: a permutation preserves volume."""
