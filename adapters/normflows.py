@@ -40,8 +40,8 @@ except ImportError as error:  # pragma: no cover - exercised only without normfl
     raise ImportError("arflow_solvers.adapters.normflows needs normflows: "
                       "pip install 'arflow-solvers[normflows]'") from error
 
-from ._masked import (AddPopped, Apply, Context, Masked, MaskedAffineBlock, MaskedARBlock, MaskedNetwork, Push,
-                      check_sampleable, run_stages, sampling_steps)
+from ._masked import (AddPopped, Apply, Context, ElementwiseInverseBlock, Masked, MaskedAffineBlock, MaskedNetwork,
+                      Push, check_sampleable, run_stages, sampling_steps)
 
 __all__ = ["NormflowsARBlock", "NormflowsAffineBlock", "forward", "inverse", "log_prob", "sample", "wrap"]
 
@@ -85,7 +85,7 @@ def read_made(net: nn.Module, features: int) -> MaskedNetwork | None:
     return MaskedNetwork(features, tuple(ops), rows, preprocess=preprocess)
 
 
-class NormflowsARBlock(MaskedARBlock):
+class NormflowsARBlock(ElementwiseInverseBlock):
     r"""The loop of a normflows `Autoregressive` layer as a [`CausalMapBlock`][arflow_solvers.CausalMapBlock].
 
     `inverse_map` is one sweep of normflows' loop, `_elementwise_inverse(z, made(x))`, with
@@ -108,17 +108,6 @@ class NormflowsARBlock(MaskedARBlock):
 
     def opaque_features(self, transform: Autoregressive) -> int:
         return int(transform.autoregressive_net.initial_layer.in_features)
-
-    def call_network(self, x: Tensor, cond: Any) -> Tensor:
-        return self.transform.autoregressive_net(x, cond)
-
-    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
-        """normflows' `_elementwise_inverse(z, params)`."""
-        return self.transform._elementwise_inverse(z, params)[0]
-
-    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
-        """The log-determinant of normflows' `_elementwise_inverse(z, params)`."""
-        return self.transform._elementwise_inverse(z, params)[1]
 
     def inverse_and_log_det(self, x: Tensor, z: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """The last sweep at the fixed point `x` (library order, `(B, F)`): normflows' `(x, log|det|)`."""

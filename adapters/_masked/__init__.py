@@ -13,7 +13,7 @@
   layout and each block's order in a wrapped flow.
 """
 
-from .block import MaskedAffineBlock, MaskedARBlock, check_sampleable
+from .block import ElementwiseInverseBlock, MaskedAffineBlock, MaskedARBlock, check_sampleable
 from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push, analyse, pointwise, take_columns
 from .packed import PackedLinear, degree_order
 from .program import DenseProgram, PackedProgram
@@ -26,6 +26,7 @@ __all__ = [
     "Apply",
     "Context",
     "DenseProgram",
+    "ElementwiseInverseBlock",
     "Masked",
     "MaskedARBlock",
     "MaskedAffineBlock",

@@ -25,7 +25,7 @@ from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
 
-__all__ = ["MaskedARBlock", "MaskedAffineBlock", "check_sampleable"]
+__all__ = ["MaskedARBlock", "MaskedAffineBlock", "ElementwiseInverseBlock", "check_sampleable"]
 
 
 def check_sampleable(module: nn.Module, name: str | None = None) -> None:
@@ -292,3 +292,24 @@ class MaskedAffineBlock(MaskedARBlock):
         rows = self.network.param_rows.to(self.order.device)[self.order]
         shift, scale = self.shift_scale
         return weight[rows[:, shift]], weight[rows[:, scale]]
+
+
+class ElementwiseInverseBlock(MaskedARBlock):
+    """A transform laid out as nflows' `AutoregressiveTransform` (normflows' `Autoregressive` ports it).
+
+    Its network is `autoregressive_net(x, context)` and its elementwise inverse
+    `_elementwise_inverse(z, params)` returns `(x, log|det dx/dz|)`: the network call, the
+    inverse and its log-determinant are read from them. Subclasses still implement
+    `read_network` and `opaque_features`.
+    """
+
+    def call_network(self, x: Tensor, cond: Any) -> Tensor:
+        return self.transform.autoregressive_net(x, cond)
+
+    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
+        """The library's `_elementwise_inverse(z, params)`, its log-determinant dropped."""
+        return self.transform._elementwise_inverse(z, params)[0]
+
+    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """The log-determinant of the library's `_elementwise_inverse(z, params)`."""
+        return self.transform._elementwise_inverse(z, params)[1]

@@ -10,7 +10,7 @@ from nflows.transforms.base import Transform
 from torch import Tensor
 from torch.nn import functional as F
 
-from .._masked import MaskedAffineBlock, MaskedARBlock, MaskedNetwork
+from .._masked import ElementwiseInverseBlock, MaskedAffineBlock, MaskedNetwork
 from .made import check_packable, read_made
 
 __all__ = ["NflowsARBlock", "NflowsAffineBlock", "NflowsStep", "ar_block"]
@@ -30,7 +30,7 @@ def _features(transform: AutoregressiveTransform) -> int:
     )
 
 
-class NflowsARBlock(MaskedARBlock):
+class NflowsARBlock(ElementwiseInverseBlock):
     r"""Any nflows `AutoregressiveTransform`, as a [`CausalMapBlock`][arflow_solvers.CausalMapBlock].
 
     nflows inverts an AR transform by `T` sweeps of
@@ -79,17 +79,6 @@ class NflowsARBlock(MaskedARBlock):
 
     def opaque_features(self, transform: AutoregressiveTransform) -> int:
         return _features(transform)
-
-    def call_network(self, x: Tensor, cond: Any) -> Tensor:
-        return self.transform.autoregressive_net(x, cond)
-
-    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
-        """nflows' `_elementwise_inverse(z, params)`, its log-determinant dropped."""
-        return self.transform._elementwise_inverse(z, params)[0]
-
-    def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
-        """The log-determinant of nflows' `_elementwise_inverse(z, params)`."""
-        return self.transform._elementwise_inverse(z, params)[1]
 
 
 class NflowsAffineBlock(NflowsARBlock, MaskedAffineBlock):
