@@ -209,12 +209,10 @@ def _sample(flow: NflowsFlow, num_samples: int, plan: Any, context: Tensor | Non
     if embedded is not None:
         noise = noise.reshape(-1, *noise.shape[2:])
         embedded = embedded.repeat_interleave(num_samples, dim=0)
+    base = (lambda z: flow._distribution.log_prob(z.reshape(noise.shape), context=embedded)) if with_log_prob else False
     solution = solve(wrap(flow, bitwise=bitwise), noise.reshape(noise.shape[0], -1, 1), plan, cond=embedded,
-                     throw=throw, adjoint_tol=adjoint_tol, log_prob=with_log_prob)
-    samples = solution.x.reshape(noise.shape)
-    log_prob = None
-    if with_log_prob:
-        log_prob = flow._distribution.log_prob(noise, context=embedded) - solution.log_det
+                     throw=throw, adjoint_tol=adjoint_tol, log_prob=base)
+    samples, log_prob = solution.x.reshape(noise.shape), solution.log_prob
     if embedded is not None:
         samples = samples.reshape(-1, num_samples, *samples.shape[1:])
         log_prob = None if log_prob is None else log_prob.reshape(-1, num_samples)

@@ -277,9 +277,14 @@ class CalibratedPlanner:
                 f"max_error={self.max_error:g} from float64, so no plan can keep the promise; the default plan "
                 "is returned; raise max_error, or sample in float64")
 
+        verdicts: dict[tuple[int, ...], tuple[Tensor, bool]] = {}
+
         def verdict(picks: list[int]) -> tuple[Tensor, bool]:
-            errors = held.errors(_as_plan([_simplest(o[c]) for o, c in zip(options, picks)]))
-            return errors, largest_of(errors, self.promise_for) <= self.max_error
+            """The plan's held-out errors and whether it keeps the promise; each plan solved once."""
+            if tuple(picks) not in verdicts:
+                errors = held.errors(_as_plan([_simplest(o[c]) for o, c in zip(options, picks)]))
+                verdicts[tuple(picks)] = errors, largest_of(errors, self.promise_for) <= self.max_error
+            return verdicts[tuple(picks)]
 
         def seconds_of(picks: list[int]) -> float:
             return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
@@ -290,7 +295,8 @@ class CalibratedPlanner:
             default_errors, default_kept = verdict(default)
             if default_kept:
                 reason = "is modelled no slower than the calibrated one" if kept else "while the calibrated one did not"
-                return default, default_errors, True, f"the default plan kept the promise and {reason}, so it is returned"
+                return default, default_errors, True, (f"the default plan kept the promise and {reason}, so it "
+                                                       "is returned")
         if kept:
             return chosen, errors, True, ""
         exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
@@ -299,8 +305,7 @@ class CalibratedPlanner:
             return exact, exact_errors, True, (
                 f"the calibrated plan missed the promise on the held-out samples (estimated max "
                 f"{largest_of(errors, self.promise_for):.3g} > {self.max_error:g}), so the exact plan is returned")
-        default_errors = errors if chosen == default else verdict(default)[0]
-        return default, default_errors, False, (
+        return default, verdict(default)[0], False, (
             f"no plan keeps max_error={self.max_error:g} over {self.promise_for} samples on this flow: even the "
             f"exact plan's estimated max error is {largest_of(exact_errors, self.promise_for):.3g} (rounding in "
             f"{held.serial.dtype} amplified by ill-conditioned samples), so the default plan is returned; "
