@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._evaluate import finite_rows
+
 __all__ = ["Status", "BlockStats", "Solution", "SolveError", "finite_samples", "merge_block_stats"]
 
 
@@ -62,8 +64,7 @@ _MESSAGES = {
 
 def finite_samples(x: Tensor) -> Tensor:
     """`(B,)` bool: whether every value of each sample (leading dimension) is finite."""
-    finite = torch.isfinite(x)
-    return finite.flatten(1).all(1) if x.dim() > 1 else finite
+    return finite_rows(x) if x.dim() > 1 else torch.isfinite(x)
 
 
 class SolveError(RuntimeError):

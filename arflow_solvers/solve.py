@@ -13,9 +13,9 @@ from .adjoint import AdjointStats, differentiable_solve, wants_gradients
 from .density import block_log_det, standard_normal_log_prob, step_with_log_det
 from .flow import Flow, is_ar_block
 from .plan import PlanLike, as_plan
-from ._evaluate import finite_rows, select_rows
+from ._evaluate import select_rows
 from ._checks import check_block_input, check_noise
-from .solution import BlockStats, Solution, SolveError, Status, merge_block_stats
+from .solution import BlockStats, Solution, SolveError, Status, finite_samples, merge_block_stats
 from .stopping import StoppingRule, check_tolerance
 
 __all__ = ["solve", "solve_inverse"]
@@ -106,7 +106,7 @@ def solve(
         x, stats, adjoints, log_det = _run(flow, z, chosen, cond, rule, base is not None)
         density = None if base is None else _density(base, z, log_det)
     status = max((b.worst for b in stats), default=Status.CONVERGED)
-    if not bool((finite_rows(x) if x.dim() > 1 else torch.isfinite(x)).all()):
+    if not bool(finite_samples(x).all()):
         status = max(status, Status.NONFINITE)
     solution = Solution(x=x, status=status, blocks=tuple(stats), wall_time=time.perf_counter() - began,
                         adjoint=tuple(adjoints), log_prob=density, log_det=log_det)
