@@ -133,6 +133,10 @@ class ZukoARBlock(MaskedARBlock):
         """Minus zuko's `log |dz/dx|` of the univariate transformation."""
         return -self._univariate(params).log_abs_det_jacobian(x, z).sum(1)
 
+    def univariate_inverse_and_log_det(self, params: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        univariate = self._univariate(params)
+        return univariate.inv(z), -univariate.log_abs_det_jacobian(x, z).sum(1)
+
     def _univariate(self, params: Tensor) -> Any:
         # zuko's unpack gives views strided by `total`; elementwise kernels run several times
         # faster on contiguous copies, with the same values

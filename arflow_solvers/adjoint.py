@@ -20,16 +20,18 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ._evaluate import affine_update
+from .density import checked_log_det, block_log_det
 from .solvers import Solver
 from .stopping import StoppingRule
 
-__all__ = ["AdjointStats", "AdjointError", "differentiable_solve", "wants_gradients", "parameters_of"]
+__all__ = ["AdjointStats", "AdjointError", "AutogradLinearisation", "Linearisation", "differentiable_solve",
+           "linearise", "parameters_of", "wants_gradients"]
 
 
 class AdjointError(RuntimeError):
@@ -99,47 +101,152 @@ def update(block: Any, x: Tensor, z: Tensor, cond: Any) -> Tensor:
     return affine_update(z, mu, log_sigma, None)
 
 
+def update_and_log_det(block: Any, x: Tensor, z: Tensor, cond: Any, index: int) -> tuple[Tensor, Tensor]:
+    """`F(x)` and the block's `(B,)` log-determinant at `x`, from one evaluation where the block allows.
+
+    One evaluation: a block's `inverse_map_and_log_det`, or an affine block's `affine`
+    (whose `log_sigma` sums to the log-determinant); otherwise `update` and `block_log_det`.
+    """
+    both = getattr(block, "inverse_map_and_log_det", None)
+    if callable(both):
+        out, log_det = both(x, z, cond)
+        return out, checked_log_det(log_det, x.shape[0], f"block {index} ({type(block).__name__}).inverse_map_and_log_det")
+    if not callable(getattr(block, "inverse_map", None)) and not callable(getattr(block, "log_det", None)):
+        mu, log_sigma = block.affine(x, cond)
+        return affine_update(z, mu, log_sigma, None), log_sigma.flatten(1).sum(1)
+    return update(block, x, z, cond), block_log_det(block, x, z, cond, index)
+
+
+class Linearisation(Protocol):
+    r"""A block's update linearised at its solution: what the adjoint needs of it.
+
+    The default ([`AutogradLinearisation`][arflow_solvers.adjoint.AutogradLinearisation]) is
+    the autograd graph of one evaluation. A block may give its own, cheaper one through
+    `linearise(x, z, cond, with_log_det)` (for instance one that reads the partial
+    derivatives of an elementwise tail once instead of differentiating it every iteration),
+    called with grad enabled on leaves; returning `None` means the default.
+
+    Attributes:
+        log_det: the `(B,)` log-determinant at `x` (when asked for), detached, else `None`.
+    """
+
+    log_det: Tensor | None
+
+    def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
+        r"""$(\partial F/\partial x)^\top \lambda + (\partial \log\det/\partial x)^\top g$ (`None`: zero)."""
+        ...
+
+    def pull(self, lam: Tensor, g_log_det: Tensor | None, targets: list[Tensor]) -> list[Tensor | None]:
+        """The same pull onto `targets`: the leaves `z`, `cond` tensors and parameters given to `linearise`."""
+        ...
+
+
+class AutogradLinearisation:
+    """The default linearisation: the graph of `F(x)` (and the log-determinant) at the leaf `x`."""
+
+    def __init__(self, x: Tensor, out: Tensor, log_det: Tensor | None):
+        self.x, self.out, self._log_det = x, out, log_det
+        self.log_det = None if log_det is None else log_det.detach()
+
+    def _roots(self, lam: Tensor, g_log_det: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        if self._log_det is None or g_log_det is None:
+            return [self.out], [lam]
+        return [self.out, self._log_det], [lam, g_log_det]
+
+    def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
+        roots, seeds = self._roots(lam, g_log_det)
+        return torch.autograd.grad(roots, self.x, seeds, retain_graph=True, allow_unused=True)[0]
+
+    def pull(self, lam: Tensor, g_log_det: Tensor | None, targets: list[Tensor]) -> list[Tensor | None]:
+        roots, seeds = self._roots(lam, g_log_det)
+        return list(torch.autograd.grad(roots, targets, seeds, allow_unused=True))
+
+
+def linearise(block: Any, x: Tensor, z: Tensor, cond: Any, index: int, with_log_det: bool) -> Linearisation:
+    """The block's linearisation at the leaf `x`: its own `linearise` if it has one, else autograd's."""
+    own = getattr(block, "linearise", None)
+    at = own(x, z, cond, with_log_det) if callable(own) else None
+    if at is not None:
+        return at
+    if with_log_det:
+        return AutogradLinearisation(x, *update_and_log_det(block, x, z, cond, index))
+    return AutogradLinearisation(x, update(block, x, z, cond), None)
+
+
+@dataclass
+class _Leaves:
+    """The inputs of one block's linearisation, as fresh leaves, and the linearisation."""
+
+    z: Tensor
+    cond: list[Tensor]
+    params: tuple[Tensor, ...]
+    at: Linearisation
+
+
+def _linearise(ctx: Any, x: Tensor, z: Tensor, inputs: tuple[Tensor, ...], with_log_det: bool) -> _Leaves:
+    """The block linearised at `x`, with a graph to `z`, the `cond` tensors and the parameters."""
+    n_cond = len(_tensors(ctx.cond))
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        z_in = z.detach().requires_grad_(ctx.needs_input_grad[_FIRST_INPUT])
+        cond_in = [t.detach().requires_grad_(needs) for t, needs in
+                   zip(inputs[:n_cond], ctx.needs_input_grad[_FIRST_INPUT + 1:_FIRST_INPUT + 1 + n_cond])]
+        at = linearise(ctx.block, x, z_in, _replace(ctx.cond, list(cond_in)), ctx.adjoint.index, with_log_det)
+    return _Leaves(z_in, cond_in, tuple(inputs[n_cond:]), at)
+
+
+_FIRST_INPUT = 7  # the position of `z` among _BlockSolve.forward's arguments after ctx
+
+
 class _BlockSolve(torch.autograd.Function):
-    """Forward: the plan's solver, no graph. Backward: the adjoint fixed point, then one VJP."""
+    """Forward: the plan's solver, no graph. Backward: the adjoint fixed point, then one VJP.
+
+    With `with_log_det` the forward also returns the block's log-determinant at the solution:
+    the one evaluation it needs is made there, with a graph, and the backward reuses it.
+    """
 
     @staticmethod
     def forward(ctx: Any, solver: Solver, block: Any, cond: Any, index: int, record: dict,
-                rule: StoppingRule, z: Tensor, *inputs: Tensor) -> Tensor:
+                rule: StoppingRule, with_log_det: bool, z: Tensor, *inputs: Tensor) -> Any:
         with torch.no_grad():
             x, stats = solver.solve(block, z, cond, index)
         record["stats"] = stats
         ctx.block, ctx.cond, ctx.rule, ctx.adjoint = block, cond, rule, record["adjoint"]
-        ctx.count = len(inputs)
+        if with_log_det:
+            ctx.leaves = _linearise(ctx, x, z, inputs, True)
+            return x, ctx.leaves.at.log_det
+        ctx.leaves = None
         ctx.save_for_backward(x, z, *inputs)
         return x
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
+    def backward(ctx: Any, grad: Tensor, grad_log_det: Tensor | None = None) -> tuple:
         if torch.is_grad_enabled():  # backward(create_graph=True)
             raise RuntimeError("cannot differentiate twice through a solve: its backward is an implicit "
                                "adjoint solve, differentiable once; call backward without create_graph")
-        x, z, *inputs = ctx.saved_tensors
-        n_cond = len(_tensors(ctx.cond))
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            z_in = z.detach().requires_grad_(ctx.needs_input_grad[6])
-            cond_in = [t.detach().requires_grad_(needs) for t, needs in
-                       zip(inputs[:n_cond], ctx.needs_input_grad[7:7 + n_cond])]
-            out = update(ctx.block, x, z_in, _replace(ctx.cond, list(cond_in)))
-        lam = _adjoint(out, x, grad, ctx.rule, ctx.adjoint)
-        wanted = [z_in, *cond_in, *inputs[n_cond:]]
+        leaves = ctx.leaves
+        if leaves is None:
+            x, z, *inputs = ctx.saved_tensors
+            leaves = _linearise(ctx, x, z, tuple(inputs), False)
+        ctx.leaves = None  # the graph is freed as soon as it has served
+        lam = _adjoint(leaves.at, grad, grad_log_det, grad.shape[1], ctx.rule, ctx.adjoint)
+        wanted = [leaves.z, *leaves.cond, *leaves.params]
         targets = [t for t in wanted if t.requires_grad]
-        found = iter(torch.autograd.grad(out, targets, lam, allow_unused=True)) if targets else iter(())
+        found = iter(leaves.at.pull(lam, grad_log_det, targets) if targets else ())
         grads = [next(found) if t.requires_grad else None for t in wanted]
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
 
 
-def _adjoint(out: Tensor, x: Tensor, grad: Tensor, rule: StoppingRule, stats: AdjointStats) -> Tensor:
-    """`lambda = grad + (dF/dx)^T lambda` by Jacobi, to the rule or the exactness bound `T`."""
+def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bound: int, rule: StoppingRule,
+             stats: AdjointStats) -> Tensor:
+    r"""`lambda = grad + (dF/dx)^T lambda (+ (d log_det/dx)^T g)` by Jacobi, to the rule or the bound `T`.
+
+    A log-determinant that reads `x` adds its constant pull to every iteration, in the same pull.
+    """
     lam = grad
     iterations = 0
-    for iterations in range(1, x.shape[1] + 1):
-        (pulled,) = torch.autograd.grad(out, x, lam, retain_graph=True, allow_unused=True)
+    for iterations in range(1, bound + 1):
+        pulled = at.pull_x(lam, g_log_det)
         new = grad if pulled is None else grad + pulled
         change = float((new - lam).abs().max()) if new.numel() else 0.0
         stats.history.append(change)
@@ -153,10 +260,15 @@ def _adjoint(out: Tensor, x: Tensor, grad: Tensor, rule: StoppingRule, stats: Ad
     return lam
 
 
-def differentiable_solve(solver: Solver, block: Any, z: Tensor, cond: Any, index: int,
-                         rule: StoppingRule) -> tuple[Tensor, Any, AdjointStats]:
-    """`solver.solve(block, z, cond)` whose result differentiates w.r.t. `z`, `cond` and parameters."""
+def differentiable_solve(solver: Solver, block: Any, z: Tensor, cond: Any, index: int, rule: StoppingRule,
+                         with_log_det: bool = False) -> tuple[Tensor, Tensor | None, Any, AdjointStats]:
+    """`solver.solve(block, z, cond)` whose result differentiates w.r.t. `z`, `cond` and parameters.
+
+    Returns `(x, log_det, stats, adjoint_stats)`; `log_det` (the block's `(B,)`
+    log-determinant at `x`, differentiable too) is `None` unless `with_log_det`.
+    """
     record: dict[str, Any] = {"adjoint": AdjointStats(index)}
     inputs = [*_tensors(cond), *parameters_of(block)]
-    x = _BlockSolve.apply(solver, block, cond, index, record, rule, z, *inputs)
-    return x, record["stats"], record["adjoint"]
+    out = _BlockSolve.apply(solver, block, cond, index, record, rule, with_log_det, z, *inputs)
+    x, log_det = out if with_log_det else (out, None)
+    return x, log_det, record["stats"], record["adjoint"]

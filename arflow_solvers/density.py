@@ -32,7 +32,7 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (flat * flat).sum(1) - 0.5 * flat.shape[1] * _LOG_2PI
 
 
-def _checked(log_det: Any, batch: int, what: str) -> Tensor:
+def checked_log_det(log_det: Any, batch: int, what: str) -> Tensor:
     if not isinstance(log_det, Tensor) or log_det.shape != (batch,):
         raise ValueError(f"{what} must return a log-determinant of shape ({batch},); "
                          f"got {tuple(getattr(log_det, 'shape', ())) or type(log_det).__name__}")
@@ -43,7 +43,7 @@ def block_log_det(block: Any, x: Tensor, z: Tensor, cond: Any, index: int) -> Te
     """`(B,)` log |det dx/dz| of block `index`'s sampling map at its solution `x` for noise `z`."""
     name = type(block).__name__
     if callable(getattr(block, "log_det", None)):
-        return _checked(block.log_det(x, z, cond), x.shape[0], f"block {index} ({name}).log_det")
+        return checked_log_det(block.log_det(x, z, cond), x.shape[0], f"block {index} ({name}).log_det")
     if isinstance(block, AffineARBlock):
         _, log_sigma = block.affine(x, cond)
         return log_sigma.flatten(1).sum(1)
@@ -60,4 +60,4 @@ def step_with_log_det(step: Any, x: Tensor, cond: Any, position: int) -> tuple[T
                         "log-density of the samples is unknown; give it one (a volume-preserving step "
                         "returns zeros) to use log_prob")
     out, log_det = with_log_det(x, cond)
-    return out, _checked(log_det, x.shape[0], f"steps[{position}] ({name}).with_log_det")
+    return out, checked_log_det(log_det, x.shape[0], f"steps[{position}] ({name}).with_log_det")

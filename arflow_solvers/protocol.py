@@ -63,7 +63,9 @@ class CausalMapBlock(Protocol):
 
     For `solve(..., log_prob=True)` such a block also defines `log_det(x, z, cond)`: the
     `(B,)` log |det dx/dz| of its sampling map at the solution `x` for noise `z` (an affine
-    block needs none: the solver sums its `log_sigma`).
+    block needs none: the solver sums its `log_sigma`). A block may also define
+    `inverse_map_and_log_det(x, z, cond) -> (x_new, log_det)`, both from one evaluation: a
+    differentiable solve with `log_prob` then evaluates it once at the solution, not twice.
     """
 
     seq_len: int

@@ -135,14 +135,18 @@ def _run(flow: Flow, z: Tensor, plan: Any, cond: Any, rule: StoppingRule | None,
         index, noise = len(stats), x
         check_block_input(step, x, index)
         solver = plan.solver_for(index)
+        block_log_det_at_x = None
         if rule is not None:
-            x, block_stats, adjoint = differentiable_solve(solver, step, noise, cond, index, rule)
+            x, block_log_det_at_x, block_stats, adjoint = differentiable_solve(
+                solver, step, noise, cond, index, rule, with_log_det=log_det is not None)
             adjoints.append(adjoint)
         else:
             x, block_stats = solver.solve(step, noise, cond, index)
         stats.append(block_stats)
         if log_det is not None:
-            log_det = log_det + block_log_det(step, x, noise, cond, index)
+            if block_log_det_at_x is None:
+                block_log_det_at_x = block_log_det(step, x, noise, cond, index)
+            log_det = log_det + block_log_det_at_x
     return x, stats, adjoints, log_det
 
 

@@ -85,13 +85,15 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def timed_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int, until: float, first_round_s: float,
-                 sync: Callable[[], None], log: Callable[[str], None] = lambda _: None,
+                 sync: Callable[[], None], log: Callable[[str], None] = lambda _: None, warm: int = 0,
                  ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Run every function once per round, round-robin, for at most `rounds` rounds.
 
     A round starts only if it is predicted to end before `until` (a `time.monotonic()`
     deadline): the first round is predicted to last `first_round_s`, later ones as long as the
     last. Each run is bracketed by `sync`, so the time is the device's, not the launch's.
+    `warm` untimed runs of the same function precede each timed one, so each is timed as in a
+    loop of its own (caches and allocator warm from the same work, not from the method before).
     Returns per function the seconds of each run and the outputs of each run.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -104,6 +106,8 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int, until: float
             break
         began = time.monotonic()
         for name, fn in fns.items():
+            for _ in range(warm):
+                fn()
             sync()
             start = time.perf_counter()
             out = fn()

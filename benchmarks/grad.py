@@ -4,7 +4,8 @@ The step: draw `x, log q(x)` by `rsample_and_log_prob(batch)`, take the ELBO los
 `mean(log q(x) - log p(x))` against a standard normal target `p`, and its gradient w.r.t.
 every parameter of a zuko MAF (3 transforms, hidden (128, 128), trained `--steps` steps of
 maximum likelihood on the ecosystem benchmark's data). Methods, timed round-robin in one
-process with the same noise:
+process with the same noise, each timed step after an untimed step of the same method (as
+steps follow each other in training):
 
 - `zuko`: `flow().rsample_and_log_prob` and `torch.autograd.grad` through zuko's `features`
   network passes per transform (the reference gradient);
@@ -111,7 +112,7 @@ def measure(features: int, batch: int, args: argparse.Namespace) -> dict[str, An
     flow = build(features, args.steps)
     fns = {name: (lambda name=name: gradient_step(flow, name, batch, args.seed)) for name in METHODS}
     times, outputs = timed_rounds(fns, rounds=args.rounds, until=time.monotonic() + args.budget,
-                                  first_round_s=0.0, sync=lambda: None, log=_log)
+                                  first_round_s=0.0, sync=lambda: None, log=_log, warm=1)
     reference = outputs["zuko"][0][0]
     with tempfile.TemporaryDirectory() as folder:
         state = str(Path(folder) / "flow.pt")

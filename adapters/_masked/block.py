@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .linearise import Spread, TailLinearisation
 from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
@@ -124,10 +125,11 @@ class MaskedARBlock:
         if self.network is None:  # opaque: called as the library calls it, assumed causal in its order
             self.seq_len = self.opaque_features(transform)
             self.order = self._position = torch.arange(self.seq_len)
-            self._identity = True
+            self._identity, self._reversal = True, False
         else:
             analysis = ANALYSES(transform, self.network, self.name)
-            self.order, self._position, self._identity = analysis.order, analysis.position, analysis.identity
+            self.order, self._position = analysis.order, analysis.position
+            self._identity, self._reversal = analysis.identity, analysis.reversal
             self.seq_len = self.network.features
         if not bitwise:
             self._check_packable()
@@ -154,6 +156,10 @@ class MaskedARBlock:
         """`(B,)` log |det dx/dz| of the elementwise inverse at data `x` and noise `z` (library layout)."""
         raise TypeError(f"{self.name}: the adapter does not give the log-determinant of its inverse, so "
                         "log_prob is not available for it")
+
+    def univariate_inverse_and_log_det(self, params: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Both of the above at once (library layout); override to share their work."""
+        return self.univariate_inverse(params, z), self.univariate_log_det(params, x, z)
 
     # -- the block -------------------------------------------------------------------------
 
@@ -226,11 +232,11 @@ class MaskedARBlock:
 
     def _to_order(self, values: Tensor) -> Tensor:
         """Library-order `(B, F)` values in our order."""
-        return values if self._identity else take_columns(values, self.order)
+        return values if self._identity else take_columns(values, self.order, self._reversal)
 
     def _to_library(self, values: Tensor) -> Tensor:
         """Our-order `(B, F)` values in library order."""
-        return values if self._identity else take_columns(values, self._position)
+        return values if self._identity else take_columns(values, self._position, self._reversal)
 
     def _library_noise(self, z: Tensor) -> Tensor:
         """`(B, T, 1)` noise as `(B, F)` in library order; in a snapshot, reordered once per noise tensor."""
@@ -246,6 +252,31 @@ class MaskedARBlock:
         flat_x, flat_z = _flat(x, self.seq_len, "x"), _flat(z, self.seq_len, "z")
         params = self._network_output(flat_x, cond)
         return self.univariate_log_det(params, self._to_library(flat_x), self._to_library(flat_z))
+
+    def inverse_map_and_log_det(self, x: Tensor, z: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """`inverse_map(x, z)` and `log_det(x, z)` from one network evaluation (what a gradient needs)."""
+        flat_x = _flat(x, self.seq_len, "x")
+        params = self._network_output(flat_x, cond)
+        library_z = self._to_library(_flat(z, self.seq_len, "z"))
+        new, log_det = self.univariate_inverse_and_log_det(params, library_z, self._to_library(flat_x))
+        return self._to_order(new).reshape(x.shape), log_det
+
+    def linearise(self, x: Tensor, z: Tensor, cond: Any = None, with_log_det: bool = False) -> Any:
+        """This block linearised at `x` for the implicit adjoint, its univariate tail differentiated once.
+
+        `None` (autograd through every call) for a network the adapter could not read.
+        """
+        if self.network is None:
+            return None
+        params = self._network_output(_flat(x, self.seq_len, "x"), cond)
+        spread = Spread(self.network.param_rows.to(params.device), params.shape[1])
+
+        def tail(p: Tensor, library_z: Tensor, library_x: Tensor) -> tuple[Tensor, Tensor | None]:
+            if not with_log_det:
+                return self.univariate_inverse(p, library_z), None
+            return self.univariate_inverse_and_log_det(p, library_z, library_x)
+
+        return TailLinearisation(x, params, tail, z, self._to_library, self._to_order, spread, with_log_det)
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
@@ -313,3 +344,7 @@ class ElementwiseInverseBlock(MaskedARBlock):
     def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """The log-determinant of the library's `_elementwise_inverse(z, params)`."""
         return self.transform._elementwise_inverse(z, params)[1]
+
+    def univariate_inverse_and_log_det(self, params: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The library's `_elementwise_inverse(z, params)`, called once."""
+        return self.transform._elementwise_inverse(z, params)

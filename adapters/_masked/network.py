@@ -162,6 +162,7 @@ class Analysis:
             parameters read only features at earlier positions.
         position: `(F,)` the inverse permutation (the position of each library feature).
         identity: whether `order` is `0, 1, ..., F-1`.
+        reversal: whether it is `F-1, ..., 1, 0` (then so is `position`).
         input_order: `(in,)` the first layer's input columns (library indices, context
             columns included) sorted by degree.
         unit_orders: for each op with a layer, the order of the units it reads (`"cols"`) and
@@ -177,6 +178,7 @@ class Analysis:
     order: Tensor
     position: Tensor
     identity: bool
+    reversal: bool
     input_order: Tensor
     unit_orders: dict[int, tuple[Tensor, Tensor]]
     feature_deps: Tensor
@@ -289,15 +291,20 @@ def _unit_orders(network: MaskedNetwork, outputs: Tensor) -> tuple[Tensor, dict[
     return orders[find(first)], {i: (orders[find(r)], orders[find(c)]) for i, (r, c) in edges.items()}
 
 
-def take_columns(values: Tensor, index: Tensor) -> Tensor:
+def is_reversal(index: Tensor) -> bool:
+    """Whether `index` is `F-1, ..., 1, 0`."""
+    count = index.shape[0]
+    return int(index[0]) == count - 1 and bool(torch.equal(index, torch.arange(count - 1, -1, -1, device=index.device)))
+
+
+def take_columns(values: Tensor, index: Tensor, reversal: bool | None = None) -> Tensor:
     """`values[:, index]` for `(B, F)` values: a copy, by a flip when `index` reverses the columns.
 
     A flip reads and writes rows contiguously, several times faster than a column gather, and
     the values are the same (a copy). MAF stacks alternate reversed orders, so every other
-    block takes this path on every pass.
+    block takes this path on every pass. `reversal`: whether `index` is one, if known.
     """
-    count = index.shape[0]
-    if int(index[0]) == count - 1 and bool(torch.equal(index, torch.arange(count - 1, -1, -1, device=index.device))):
+    if is_reversal(index) if reversal is None else reversal:
         return values.flip(1)
     return values.index_select(1, index)
 
@@ -329,5 +336,6 @@ def analyse(network: MaskedNetwork, name: str = "the network") -> Analysis:
     position = torch.argsort(order)
     identity = bool(torch.equal(order, torch.arange(len(order), device=order.device)))
     input_order, unit_orders = _unit_orders(network, rows.to(order.device)[order].flatten())
-    return Analysis(order=order, position=position, identity=identity, input_order=input_order,
+    return Analysis(order=order, position=position, identity=identity, reversal=is_reversal(order),
+                    input_order=input_order,
                     unit_orders=unit_orders, feature_deps=feature_deps)

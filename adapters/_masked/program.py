@@ -68,7 +68,7 @@ class DenseProgram:
         overwritten by the next call.
         """
         if not self.analysis.identity:
-            x = take_columns(x, self.analysis.position)
+            x = take_columns(x, self.analysis.position, self.analysis.reversal)
         return self.run(x, cond, buffers)
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:

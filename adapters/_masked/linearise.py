@@ -1,0 +1,123 @@
+r"""A masked block linearised at its solution, its elementwise tail differentiated once.
+
+A masked transform's inverse update is $F(x) = u(p(x), z)$: a network $p$ (all the
+dependence on $x$ and the weights) and a univariate inverse $u$ acting feature by feature
+(each output feature reads only its own parameters and noise). The adjoint iterates
+$\lambda \leftarrow g + (\partial F/\partial x)^\top \lambda$ several times per block; through
+autograd, each iteration would differentiate the univariate tail again (a dozen elementwise
+kernels for zuko's affine transform, a split's concatenation, more for splines). Here the
+tail's partial derivatives $\partial u/\partial p$, $\partial u/\partial z$ (and those of the
+log-determinant) are read once, by one backward pass with unit seeds (exact because each
+output reads a disjoint set of inputs), and every iteration is one multiply and one
+backward pass through the network alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TailLinearisation", "Spread"]
+
+
+class Spread:
+    """Per-feature values (library order) times the network outputs of each feature, `(B, F), (B, out) -> (B, out)`.
+
+    Outputs grouped per feature (`param_rows = arange(F * P).view(F, P)`, zuko and nflows) or
+    per parameter (`arange(F * P).view(P, F).T`, pyro) broadcast without a gather; any other
+    layout gathers by each output's owner.
+    """
+
+    def __init__(self, param_rows: Tensor, out_features: int):
+        features, count = param_rows.shape
+        arange = torch.arange(features * count, device=param_rows.device)
+        self.shape: tuple[int, ...] | None = None
+        self.owners: Tensor | None = None
+        if out_features == features * count and torch.equal(param_rows, arange.view(features, count)):
+            self.shape, self.dim = (features, count), 2
+        elif out_features == features * count and torch.equal(param_rows, arange.view(count, features).T):
+            self.shape, self.dim = (count, features), 1
+        else:
+            self.owners = torch.zeros(out_features, dtype=torch.long, device=param_rows.device)
+            self.owners[param_rows] = torch.arange(features, device=param_rows.device).unsqueeze(1).expand_as(param_rows)
+
+    def __call__(self, per_feature: Tensor, per_output: Tensor) -> Tensor:
+        if self.owners is not None:
+            return per_feature[:, self.owners] * per_output
+        batch = per_output.shape[0]
+        return (per_feature.unsqueeze(self.dim) * per_output.view(batch, *self.shape)).view(batch, -1)
+
+
+def _partials(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """Per-element partial derivatives of an elementwise `output` w.r.t. `leaves` (zeros where unused)."""
+    found = torch.autograd.grad(output, leaves, torch.ones_like(output), retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+
+
+class TailLinearisation:
+    """The network's graph at `x` and the univariate tail's partial derivatives there.
+
+    Arguments:
+        x: the `(B, T, 1)` leaf the network's output was computed from.
+        params: the network's `(B, out)` output, with its graph to `x`, context and weights.
+        tail: `(p, z, x) -> (new, log_det)`, all in library order (`(B, F)`; `p` in the
+            network's layout), `new` `(B, F)` and `log_det` `(B,)` or `None`.
+        z: the `(B, T, 1)` noise leaf.
+        to_library: our order to library order, `(B, F) -> (B, F)`, and `to_order` back.
+        spread: see [`Spread`][arflow_solvers.adapters._masked.linearise.Spread].
+        with_log_det: whether the tail's log-determinant is wanted.
+    """
+
+    def __init__(self, x: Tensor, params: Tensor, tail: Any, z: Tensor, to_library: Any, to_order: Any,
+                 spread: Spread, with_log_det: bool):
+        self.x, self.params, self.z, self.spread = x, params, z, spread
+        self.to_library, self.to_order = to_library, to_order
+        batch = x.shape[0]
+        p = params.detach().requires_grad_(True)
+        library_z = to_library(z.detach().reshape(batch, -1)).requires_grad_(True)
+        library_x = to_library(x.detach().reshape(batch, -1)).requires_grad_(True)
+        with torch.enable_grad():
+            new, log_det = tail(p, library_z, library_x)
+            self.du_dp, self.du_dz = _partials(new, [p, library_z])
+            if with_log_det:
+                self.dl_dp, self.dl_dz, self.dl_dx = _partials(log_det, [p, library_z, library_x])
+        self.log_det = log_det.detach() if with_log_det else None
+        self._constant: tuple[Tensor | None, Tensor, Tensor | None] | None = None
+
+    def _log_det_pull(self, g_log_det: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The log-determinant's constant pull on the parameters and, explicitly, on `x` (our order)."""
+        if g_log_det is None or self.log_det is None:
+            return None, None
+        if self._constant is None or self._constant[0] is not g_log_det:
+            weight = g_log_det.unsqueeze(1)
+            self._constant = (g_log_det, weight * self.dl_dp,
+                              self.to_order(weight * self.dl_dx).reshape(self.x.shape))
+        return self._constant[1], self._constant[2]
+
+    def _seed(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
+        """`dL/dp`: the adjoint spread onto the parameters of each feature, plus the log-determinant's pull."""
+        seed = self.spread(self.to_library(lam.reshape(lam.shape[0], -1)), self.du_dp)
+        on_params, _ = self._log_det_pull(g_log_det)
+        return seed if on_params is None else seed + on_params
+
+    def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
+        (pulled,) = torch.autograd.grad(self.params, self.x, self._seed(lam, g_log_det), retain_graph=True,
+                                        allow_unused=True)
+        _, explicit = self._log_det_pull(g_log_det)
+        if explicit is not None:
+            pulled = explicit if pulled is None else pulled + explicit
+        return pulled
+
+    def pull(self, lam: Tensor, g_log_det: Tensor | None, targets: list[Tensor]) -> list[Tensor | None]:
+        through_network = [t for t in targets if t is not self.z]
+        found = iter(torch.autograd.grad(self.params, through_network, self._seed(lam, g_log_det),
+                                         allow_unused=True) if through_network else ())
+        return [next(found) if target is not self.z else self._pull_z(lam, g_log_det) for target in targets]
+
+    def _pull_z(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
+        dz = self.to_library(lam.reshape(lam.shape[0], -1)) * self.du_dz
+        if g_log_det is not None and self.log_det is not None:
+            dz = dz + g_log_det.unsqueeze(1) * self.dl_dz
+        return self.to_order(dz).reshape(self.z.shape)
