@@ -77,3 +77,20 @@ def test_spread_gives_each_output_its_features_value(layout):
     owner = torch.empty(12, dtype=torch.long)
     owner[rows] = torch.arange(features).unsqueeze(1).expand_as(rows)
     assert torch.equal(Spread(rows, 12)(per_feature, per_output), per_feature[:, owner] * per_output)
+
+
+def test_a_univariate_that_is_not_elementwise_is_differentiated_by_autograd():
+    from arflow_solvers.adapters._masked.block import ELEMENTWISE
+    from arflow_solvers.adapters.zuko import ZukoARBlock
+
+    class Mixing(ZukoARBlock):  # each output also reads the next feature's noise
+        def univariate_inverse(self, params, z):
+            return super().univariate_inverse(params, z) + 0.1 * z.roll(-1, dims=1)
+
+    torch.manual_seed(0)
+    transform = zuko.flows.MaskedAutoregressiveTransform(4, hidden_features=(8,)).to(F64)
+    block = Mixing(transform)
+    x, z, _ = leaves(block, 3, 0, 0)
+    with torch.enable_grad():
+        assert block.linearise(x, z, None, False) is None
+    assert ELEMENTWISE[transform] is False

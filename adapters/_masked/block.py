@@ -15,13 +15,14 @@ would change the samples.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .linearise import Spread, TailLinearisation
+from .linearise import NotElementwiseError, Spread, TailLinearisation
 from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
@@ -74,6 +75,8 @@ DENSE: WeightCache[DenseProgram] = WeightCache(_dense)
 """owner -> its network with the masked products read; rebuilt when any weight changes."""
 PACKED: WeightCache[PackedProgram] = WeightCache(_packed)
 """owner -> its packed network; rebuilt when any weight changes."""
+ELEMENTWISE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""transform -> whether its univariate passed the elementwise check of its first linearisation."""
 
 
 def _flat(x: Tensor, features: int, name: str) -> Tensor:
@@ -264,9 +267,11 @@ class MaskedARBlock:
     def linearise(self, x: Tensor, z: Tensor, cond: Any = None, with_log_det: bool = False) -> Any:
         """This block linearised at `x` for the implicit adjoint, its univariate tail differentiated once.
 
-        `None` (autograd through every call) for a network the adapter could not read.
+        `None` (autograd through every call) for a network the adapter could not read, or a
+        univariate found not to be elementwise: the first linearisation of each transform
+        checks that with one random pull.
         """
-        if self.network is None:
+        if self.network is None or ELEMENTWISE.get(self.transform) is False:
             return None
         params = self._network_output(_flat(x, self.seq_len, "x"), cond)
         spread = Spread(self.network.param_rows.to(params.device), params.shape[1])
@@ -276,7 +281,14 @@ class MaskedARBlock:
                 return self.univariate_inverse(p, library_z), None
             return self.univariate_inverse_and_log_det(p, library_z, library_x)
 
-        return TailLinearisation(x, params, tail, z, self._to_library, self._to_order, spread, with_log_det)
+        check = self.transform not in ELEMENTWISE
+        try:
+            at = TailLinearisation(x, params, tail, z, self._to_library, self._to_order, spread, with_log_det, check)
+        except NotElementwiseError:
+            ELEMENTWISE[self.transform] = False
+            return None
+        ELEMENTWISE[self.transform] = True
+        return at
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""

@@ -19,7 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TailLinearisation", "Spread"]
+__all__ = ["TailLinearisation", "Spread", "NotElementwiseError"]
+
+
+class NotElementwiseError(ValueError):
+    """A univariate tail's output read parameters or noise of other features: it is not elementwise."""
 
 
 class Spread:
@@ -52,8 +56,16 @@ class Spread:
 
 def _partials(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     """Per-element partial derivatives of an elementwise `output` w.r.t. `leaves` (zeros where unused)."""
-    found = torch.autograd.grad(output, leaves, torch.ones_like(output), retain_graph=True, allow_unused=True)
+    return _partials_with(output, leaves, torch.ones_like(output))
+
+
+def _partials_with(output: Tensor, leaves: list[Tensor], seed: Tensor) -> list[Tensor]:
+    found = torch.autograd.grad(output, leaves, seed, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
 
 
 class TailLinearisation:
@@ -71,7 +83,7 @@ class TailLinearisation:
     """
 
     def __init__(self, x: Tensor, params: Tensor, tail: Any, z: Tensor, to_library: Any, to_order: Any,
-                 spread: Spread, with_log_det: bool):
+                 spread: Spread, with_log_det: bool, check: bool = False):
         self.x, self.params, self.z, self.spread = x, params, z, spread
         self.to_library, self.to_order = to_library, to_order
         batch = x.shape[0]
@@ -81,10 +93,28 @@ class TailLinearisation:
         with torch.enable_grad():
             new, log_det = tail(p, library_z, library_x)
             self.du_dp, self.du_dz = _partials(new, [p, library_z])
+            if check:
+                self._check_elementwise(new, p, library_z)
             if with_log_det:
                 self.dl_dp, self.dl_dz, self.dl_dx = _partials(log_det, [p, library_z, library_x])
         self.log_det = log_det.detach() if with_log_det else None
         self._constant: tuple[Tensor | None, Tensor, Tensor | None] | None = None
+
+    def _check_elementwise(self, new: Tensor, p: Tensor, library_z: Tensor) -> None:
+        """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull.
+
+        Unit seeds read every partial derivative only if each output feature reads its own
+        parameters and noise alone; a random seed pulls the same through both only then.
+        """
+        seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
+        on_p, on_z = _partials_with(new, [p, library_z], seed)
+        tol = 1e3 * torch.finfo(new.dtype).eps
+        for got, expected in ((on_p, self.spread(seed, self.du_dp)), (on_z, seed * self.du_dz)):
+            if not got.numel():
+                continue
+            if not bool(torch.isfinite(got).all()) or float((got - expected).abs().max()) > tol * (1 + float(expected.abs().max())):
+                raise NotElementwiseError("the univariate transform is not elementwise (an output feature reads "
+                                          "another feature's parameters or noise)")
 
     def _log_det_pull(self, g_log_det: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The log-determinant's constant pull on the parameters and, explicitly, on `x` (our order)."""
