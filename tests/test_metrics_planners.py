@@ -250,6 +250,33 @@ def test_when_no_plan_can_keep_the_promise_the_planner_says_so_and_returns_the_d
     assert calibration.plan == Plan(Jacobi(tol=1e-3)) and not calibration.promised
 
 
+def test_a_promise_needs_a_margin_of_tail_factor_over_the_estimated_largest_error(monkeypatch):
+    from arflow_solvers.planners import _validation
+
+    # every plan errs by 3e-5 on every held-out sample: within 1e-4, but not by 4x
+    monkeypatch.setattr(_validation.HeldOut, "errors", lambda self, plan: torch.full((self.z.shape[0],), 3e-5))
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    planner = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0))
+    with pytest.warns(UserWarning, match="no plan keeps max_error"):
+        assert not planner.calibrate(_three_blocks(), z).promised
+    relaxed = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0), tail_factor=1.0).calibrate(_three_blocks(), z)
+    assert relaxed.promised and relaxed.tail_factor == 1.0 and "margin of 1x" in relaxed.meaning
+    with pytest.raises(ValueError, match="tail_factor must be a finite number >= 1"):
+        CalibratedPlanner(tail_factor=0.5)
+
+
+def test_a_missed_promise_tries_a_uniformly_tighter_jacobi_before_the_exact_plan(monkeypatch):
+    from arflow_solvers.planners import _validation
+
+    tighter = Plan(Jacobi(tol=1e-4))
+    monkeypatch.setattr(_validation.HeldOut, "errors",
+                        lambda self, plan: torch.full((self.z.shape[0],), 1e-6 if plan == tighter else 1e-3))
+    z = torch.randn(8, 12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    calibration = CalibratedPlanner(tol=1e-3, max_error=1e-4, cost=(1.0, 1.0)).calibrate(_three_blocks(), z)
+    assert calibration.plan == tighter and calibration.promised
+    assert "Jacobi(tol=0.0001) on every block is returned" in calibration.note
+
+
 def test_the_promise_is_about_many_fresh_samples_not_the_few_held_out():
     """The largest of 1000 errors is estimated from 32: neither always above nor always below it."""
     gen = torch.Generator().manual_seed(0)
