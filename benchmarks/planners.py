@@ -32,6 +32,7 @@ from arflow_solvers import CalibratedPlanner, Jacobi, MetricPlanner, Plan, Seria
 from arflow_solvers.__main__ import loaders
 from arflow_solvers.metrics import max_abs_error
 from arflow_solvers.planners._float64 import float64_answer, serial_floor
+from arflow_solvers.planners._validation import largest_of, per_sample_errors
 
 __all__ = ["main", "evaluate"]
 
@@ -80,6 +81,8 @@ def evaluate(name: str, flow: Any, calibration: tuple[torch.Tensor, Any], fresh:
             "best_seconds": timing[planner]["best_seconds"],
             "spread": timing[planner]["spread"],
             "speed_vs_default": timing["default"]["best_seconds"] / timing[planner]["best_seconds"],
+            "tail": tail_study(per_sample_errors(timing[planner]["x"][judged], reference[judged]),
+                               calibrated.validation_samples - calibrated.excluded, args.seed),
         }
     rows["calibrated"].update(promised_max_error=args.max_error, promise_held_on_calibration=calibrated.promised,
                               validated_error=calibrated.validated_error,
@@ -93,6 +96,27 @@ def evaluate(name: str, flow: Any, calibration: tuple[torch.Tensor, Any], fresh:
     return {"model": name, "calibration_samples": z_cal.shape[0], "fresh_samples": z.shape[0],
             "judged_samples": int(judged.sum()), "floor_on_fresh": serial_floor(flow, z, cond, reference, truth),
             "planners": rows}
+
+
+def tail_study(errors: torch.Tensor, held_out: int, seed: int, draws: int = 2000) -> dict[str, Any]:
+    """How the planner's estimate of the largest error would fare on these fresh per-sample errors.
+
+    The spread of their logarithms, how many standard deviations the largest lies above
+    the mean, and, over `draws` random subsets of `held_out` errors (as many as the planner
+    judged), how often and by how much `largest_of(subset, n)` falls short of the largest of all.
+    """
+    positive = errors[errors > 0]
+    if positive.numel() < 2 or held_out < 2:
+        return {}
+    logs = positive.log()
+    generator = torch.Generator().manual_seed(seed)
+    largest = float(errors.max())
+    ratios = torch.tensor([largest / max(largest_of(errors[torch.randperm(errors.numel(), generator=generator)[:held_out]],
+                                                    errors.numel()), 1e-300) for _ in range(draws)])
+    return {"log_sd": float(logs.std()), "largest_in_sd": float((logs.max() - logs.mean()) / logs.std()),
+            "subset": held_out, "draws": draws, "estimate_short_fraction": float((ratios > 1).double().mean()),
+            "largest_over_estimate_median": float(ratios.median()),
+            "largest_over_estimate_p90": float(ratios.quantile(0.9))}
 
 
 def _well_conditioned(reference: torch.Tensor, truth: torch.Tensor | None, max_error: float) -> torch.Tensor:
