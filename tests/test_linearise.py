@@ -76,7 +76,11 @@ def test_spread_gives_each_output_its_features_value(layout):
     per_output = torch.randn(2, 12)
     owner = torch.empty(12, dtype=torch.long)
     owner[rows] = torch.arange(features).unsqueeze(1).expand_as(rows)
-    assert torch.equal(Spread(rows, 12)(per_feature, per_output), per_feature[:, owner] * per_output)
+    spread = Spread(rows, 12)
+    assert torch.equal(spread(per_feature, per_output), per_feature[:, owner] * per_output)
+    plus = torch.randn(2, 12)
+    assert torch.allclose(spread(per_feature, per_output, plus), per_feature[:, owner] * per_output + plus,
+                          rtol=1e-6, atol=1e-6)
 
 
 def test_a_univariate_that_is_not_elementwise_is_differentiated_by_autograd():

@@ -47,21 +47,21 @@ class Spread:
             self.owners = torch.zeros(out_features, dtype=torch.long, device=param_rows.device)
             self.owners[param_rows] = torch.arange(features, device=param_rows.device).unsqueeze(1).expand_as(param_rows)
 
-    def __call__(self, per_feature: Tensor, per_output: Tensor) -> Tensor:
+    def __call__(self, per_feature: Tensor, per_output: Tensor, plus: Tensor | None = None) -> Tensor:
+        """`per_feature` spread onto the outputs, times `per_output`, plus `plus` (`(B, out)`) if given."""
         if self.owners is not None:
-            return per_feature[:, self.owners] * per_output
+            product = per_feature[:, self.owners] * per_output
+            return product if plus is None else product + plus
         batch = per_output.shape[0]
-        return (per_feature.unsqueeze(self.dim) * per_output.view(batch, *self.shape)).view(batch, -1)
+        factor, per_output = per_feature.unsqueeze(self.dim), per_output.view(batch, *self.shape)
+        if plus is None:
+            return (factor * per_output).view(batch, -1)
+        return torch.addcmul(plus.view(batch, *self.shape), factor, per_output).view(batch, -1)
 
 
-def _partials(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
-    """Per-element partial derivatives of an elementwise `output` w.r.t. `leaves` (zeros where unused)."""
-    return _partials_with(output, leaves, torch.ones_like(output))
-
-
-def _partials_with(output: Tensor, leaves: list[Tensor], seed: Tensor) -> list[Tensor]:
-    found = torch.autograd.grad(output, leaves, seed, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+def _partials(output: Tensor, leaves: list[Tensor]) -> list[Tensor | None]:
+    """Per-element partial derivatives of an elementwise `output` w.r.t. `leaves` (`None` where unused)."""
+    return list(torch.autograd.grad(output, leaves, torch.ones_like(output), retain_graph=True, allow_unused=True))
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -92,13 +92,15 @@ class TailLinearisation:
         library_x = to_library(x.detach().reshape(batch, -1)).requires_grad_(True)
         with torch.enable_grad():
             new, log_det = tail(p, library_z, library_x)
-            self.du_dp, self.du_dz = _partials(new, [p, library_z])
+            du_dp, self.du_dz = _partials(new, [p, library_z])
+            self.du_dp = torch.zeros_like(p) if du_dp is None else du_dp
             if check:
                 self._check_elementwise(new, p, library_z)
+            self.dl_dp = self.dl_dz = self.dl_dx = None
             if with_log_det:
                 self.dl_dp, self.dl_dz, self.dl_dx = _partials(log_det, [p, library_z, library_x])
         self.log_det = log_det.detach() if with_log_det else None
-        self._constant: tuple[Tensor | None, Tensor, Tensor | None] | None = None
+        self._constant: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
     def _check_elementwise(self, new: Tensor, p: Tensor, library_z: Tensor) -> None:
         """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull.
@@ -107,10 +109,13 @@ class TailLinearisation:
         parameters and noise alone; a random seed pulls the same through both only then.
         """
         seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
-        on_p, on_z = _partials_with(new, [p, library_z], seed)
+        on_p, on_z = torch.autograd.grad(new, [p, library_z], seed, retain_graph=True, allow_unused=True)
         tol = 1e3 * torch.finfo(new.dtype).eps
-        for got, expected in ((on_p, self.spread(seed, self.du_dp)), (on_z, seed * self.du_dz)):
-            if not got.numel():
+        pulls = [(on_p, self.spread(seed, self.du_dp))]
+        if self.du_dz is not None:
+            pulls.append((on_z, seed * self.du_dz))
+        for got, expected in pulls:
+            if got is None or not got.numel():
                 continue
             if not bool(torch.isfinite(got).all()) or float((got - expected).abs().max()) > tol * (1 + float(expected.abs().max())):
                 raise NotElementwiseError("the univariate transform is not elementwise (an output feature reads "
@@ -122,15 +127,15 @@ class TailLinearisation:
             return None, None
         if self._constant is None or self._constant[0] is not g_log_det:
             weight = g_log_det.unsqueeze(1)
-            self._constant = (g_log_det, weight * self.dl_dp,
-                              self.to_order(weight * self.dl_dx).reshape(self.x.shape))
+            on_params = None if self.dl_dp is None else weight * self.dl_dp
+            on_x = None if self.dl_dx is None else self.to_order(weight * self.dl_dx).reshape(self.x.shape)
+            self._constant = (g_log_det, on_params, on_x)
         return self._constant[1], self._constant[2]
 
     def _seed(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
         """`dL/dp`: the adjoint spread onto the parameters of each feature, plus the log-determinant's pull."""
-        seed = self.spread(self.to_library(lam.reshape(lam.shape[0], -1)), self.du_dp)
         on_params, _ = self._log_det_pull(g_log_det)
-        return seed if on_params is None else seed + on_params
+        return self.spread(self.to_library(lam.reshape(lam.shape[0], -1)), self.du_dp, on_params)
 
     def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
         (pulled,) = torch.autograd.grad(self.params, self.x, self._seed(lam, g_log_det), retain_graph=True,
@@ -147,7 +152,8 @@ class TailLinearisation:
         return [next(found) if target is not self.z else self._pull_z(lam, g_log_det) for target in targets]
 
     def _pull_z(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
-        dz = self.to_library(lam.reshape(lam.shape[0], -1)) * self.du_dz
-        if g_log_det is not None and self.log_det is not None:
+        library_lam = self.to_library(lam.reshape(lam.shape[0], -1))
+        dz = torch.zeros_like(library_lam) if self.du_dz is None else library_lam * self.du_dz
+        if g_log_det is not None and self.dl_dz is not None:
             dz = dz + g_log_det.unsqueeze(1) * self.dl_dz
         return self.to_order(dz).reshape(self.z.shape)
