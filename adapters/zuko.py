@@ -109,6 +109,8 @@ class ZukoARBlock(MaskedARBlock):
         True
     """
 
+    univariate_slices = True  # zuko's univariates act on whatever shape their parameters have
+
     def __init__(self, transform: MaskedAutoregressiveTransform, *, bitwise: bool = True,
                  context: Tensor | None = None):
         _check_transform(transform)

@@ -74,6 +74,33 @@ def test_exact_mode_certifies_with_one_full_batch_call_when_shrunk_batches_round
     assert solution.blocks[0].work < solution.blocks[0].passes
 
 
+class RangedWobbly(Wobbly):
+    """Also computes a range of rows alone, rounding otherwise (one part in 1e6) than the full pass."""
+
+    def __init__(self, batch: int):
+        super().__init__(batch)
+        self.ranges: list[int] = []
+
+    def inverse_map_range(self, x, z, start, stop, cond=None):
+        self.ranges.append(start)
+        full = z + 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return full[:, start:stop] * (1 + 1e-6)
+
+
+def test_rows_computed_alone_are_certified_in_the_exact_mode_and_used_by_tolerance_plans():
+    batch = 4 * MIN_ROWS
+    z = torch.randn(batch, Wobbly.seq_len, 1)
+    block = RangedWobbly(batch)
+    assert torch.equal(solve(block, z, EXACT).x, solve(Wobbly(batch), z, FIXED_SHAPE).x)
+    assert block.ranges and min(block.ranges) > 0  # it computed rows alone, then certified them
+    tolerant = RangedWobbly(batch)
+    x = solve(tolerant, z, Jacobi(tol=1e-3)).x
+    assert tolerant.ranges and (x - solve(Wobbly(batch), z, FIXED_SHAPE).x).abs().max() <= 1e-3 * (1 + x.abs().max())
+    fixed = RangedWobbly(batch)
+    solve(fixed, z, FIXED_SHAPE)
+    assert not fixed.ranges  # a fixed shape means the full pass, every time
+
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), spline=st.booleans(), features=st.integers(8, 24),
        batch=st.integers(3 * MIN_ROWS, 8 * MIN_ROWS))
