@@ -109,8 +109,6 @@ class ZukoARBlock(MaskedARBlock):
         True
     """
 
-    univariate_slices = True  # zuko's univariates act on whatever shape their parameters have
-
     def __init__(self, transform: MaskedAutoregressiveTransform, *, bitwise: bool = True,
                  context: Tensor | None = None):
         _check_transform(transform)

@@ -63,7 +63,6 @@ class Evaluator:
         self.batch_size, self.seq_len = z.shape[0], z.shape[1]
         self._finite = finite_rows(z)
         self.has_map = callable(getattr(block, "inverse_map", None))
-        self.has_range = self.has_map and callable(getattr(self.block, "inverse_map_range", None))
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0
@@ -99,22 +98,12 @@ class Evaluator:
         self._passes += 1
         self._work += samples * positions / (self.batch_size * self.seq_len)
 
-    def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int, ranged: bool = False) -> Tensor:
+    def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
         """New values of rows `[start, stop)` for samples `rows` (`None`: all).
 
         `x` holds those samples' iterates, `(b, T, D)`; returns `(b, stop - start, D)`.
-        `ranged`: a block with `inverse_map_range` may compute just those rows (equal to float
-        rounding only: the caller allows it where rounding may differ).
         """
         cond = select_rows(self.cond, rows, self.batch_size)
-        if ranged and self.has_range and start > 0:
-            self.count(x.shape[0], stop - start)
-            new = self.block.inverse_map_range(x, self._z if rows is None else self._z[rows], start, stop, cond)
-            expected = (x.shape[0], stop - start, x.shape[2])
-            if not isinstance(new, Tensor) or tuple(new.shape) != expected:
-                raise ValueError(f"block.inverse_map_range returned {tuple(getattr(new, 'shape', ())) or type(new).__name__}; "
-                                 f"expected shape {expected}")
-            return new
         if self.has_map:
             self.count(x.shape[0], self.seq_len)
             result = self.block.inverse_map(x, self._z if rows is None else self._z[rows], cond)

@@ -109,7 +109,7 @@ class _Segment:
         used = 0
         while used < budget and exact < stop and active.numel():
             if mode == "certify" and self.shrunk_from is not None and (used == budget - 1 or exact == stop - 1):
-                break  # the last iteration is the certifying one
+                break  # the last iteration is the certifying one (after it, the sweep runs to the end)
             # Full-pass blocks also recompute the last row this sweep made exact, for free: with
             # the rows before it frozen, it must not move.
             recheck = exact > self.start and not ev.cached
@@ -119,15 +119,14 @@ class _Segment:
                 new = new[:, 1:]
             everyone = active.numel() == x.shape[0]
             old = x[:, exact:stop] if everyone else x[active, exact:stop]  # overwritten just below
-            distance = options.rule.distance(new, old, overwrite=True)  # `old` now holds the update
+            distance = options.rule.distance(new, old, overwrite=True)
             converged = options.rule.met(distance, new)
-            settled = _settled_rows(old)
             if everyone:
                 x[:, exact:stop] = new
             else:
                 x[active, exact:stop] = new
             del new, old
-            exact = min(exact + settled + 1, stop)
+            exact += 1
             used += 1
             self.iterations[active] += 1
             self.history.append((active, distance))
@@ -144,24 +143,19 @@ class _Segment:
     def _evaluate(self, active: Tensor, start: int, mode: str, exact: int) -> Tensor:
         """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
         ev, x, samples = self.ev, self.x, self.samples
-        # Rows before `start` are final: a block that can may compute only the others, which
-        # rounds like another shape (so the exact mode then certifies, as for a shrunk batch).
-        ranged = mode != "fixed" and start > self.start and ev.has_range and exact < self.stop - 1
-        if ranged and mode == "certify" and self.shrunk_from is None:
-            self.shrunk_from = exact
         if active.numel() == x.shape[0]:
-            return ev.update(x, None, start, self.stop, ranged)
+            return ev.update(x, None, start, self.stop)
         if mode == "drop":
-            return ev.update(x[active], active, start, self.stop, ranged)
+            return ev.update(x[active], active, start, self.stop)
         if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.stop - 1:
             self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
             rows = _padded(active, samples, x.shape[0])
-            return ev.update(x[rows], rows, start, self.stop, ranged)[: active.numel()]
+            return ev.update(x[rows], rows, start, self.stop)[: active.numel()]
         # Evaluate every sample of the segment so the network sees the same batch shape.
         if samples.numel() == x.shape[0]:
-            new = ev.update(x, None, start, self.stop, ranged)
+            new = ev.update(x, None, start, self.stop)
         else:
-            new = ev.update(x[samples], samples, start, self.stop, ranged)
+            new = ev.update(x[samples], samples, start, self.stop)
         return new[torch.searchsorted(samples, active)]
 
     def certify(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
@@ -190,17 +184,6 @@ class _Segment:
         if exact < self.stop and active.numel():
             self.status[active] = Status.MAX_ITERS
         return Outcome(self.iterations, _residuals(self.history, self.x.shape[0], self.x), self.status)
-
-
-def _settled_rows(update: Tensor) -> int:
-    """How many leading rows of the update no active sample moved.
-
-    Rows before `exact` are final. The new row `exact` is computed from them, so it is final;
-    if it did not move, the new row `exact + 1` was computed from final rows too, and so on:
-    with `r` leading rows unmoved, rows before `exact + r + 1` are final (the map is causal).
-    """
-    moved = update.ne(0).flatten(2).any(2).any(0)
-    return int(moved.to(torch.uint8).argmax()) if bool(moved.any()) else moved.numel()
 
 
 def _padded(active: Tensor, samples: Tensor, batch: int) -> Tensor:

@@ -87,7 +87,7 @@ def solve(
         ...         return mu, torch.zeros_like(x)
         >>> sol = solve(Halver(), torch.ones(2, 8, 1), Jacobi(tol=0.0))
         >>> sol.status.name, sol.blocks[0].passes
-        ('CONVERGED', 7)
+        ('CONVERGED', 8)
     """
     flow = block_or_flow if isinstance(block_or_flow, Flow) else _single(block_or_flow)
     chosen = as_plan(plan, flow.num_blocks)

@@ -79,12 +79,12 @@ class _RunToCap:
 
 @dataclass(frozen=True, repr=False)
 class CappedJacobi(_RunToCap, Jacobi):
-    """`Jacobi` that always runs `max_iters` iterations (or until every row is final)."""
+    """`Jacobi` that always runs `max_iters` iterations (or to the exactness bound)."""
 
 
 @dataclass(frozen=True, repr=False)
 class CappedGSJacobi(_RunToCap, GSJacobi):
-    """`GSJacobi` that always runs `max_iters` iterations per segment (or until its rows are final)."""
+    """`GSJacobi` that always runs `max_iters` iterations per segment (or its length)."""
 
 
 def run_to_caps(plan: Plan) -> Plan:

@@ -56,6 +56,23 @@ def test_a_shrunk_batch_that_rounds_otherwise_is_certified_and_finished_at_the_f
     assert block.calls[-1] == batch
 
 
+def test_a_certification_that_finds_the_last_rows_moved_finishes_them_at_the_full_shape():
+    class LateWobbly(Wobbly):  # a shrunk batch rounds otherwise only in its last rows
+        def inverse_map(self, x, z, cond=None):
+            self.calls.append(x.shape[0])
+            new = z + 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+            if x.shape[0] != self.batch:
+                new[:, -3:] *= 1 + 1e-6
+            return new
+
+    batch = 4 * MIN_ROWS
+    z = torch.randn(batch, Wobbly.seq_len, 1)
+    z[: batch // 2] = 0.0
+    solution = solve(LateWobbly(batch), z, EXACT)
+    assert torch.equal(solution.x, solve(LateWobbly(batch), z, FIXED_SHAPE).x)
+    assert (solution.blocks[0].status == 0).all()
+
+
 def test_exact_mode_certifies_with_one_full_batch_call_when_shrunk_batches_round_alike():
     class Linear(Wobbly):
         def inverse_map(self, x, z, cond=None):
@@ -72,33 +89,6 @@ def test_exact_mode_certifies_with_one_full_batch_call_when_shrunk_batches_round
     assert shrunk and min(shrunk) >= MIN_ROWS
     assert block.calls[-1] == batch and block.calls[-2] < batch  # one certifying call at the end
     assert solution.blocks[0].work < solution.blocks[0].passes
-
-
-class RangedWobbly(Wobbly):
-    """Also computes a range of rows alone, rounding otherwise (one part in 1e6) than the full pass."""
-
-    def __init__(self, batch: int):
-        super().__init__(batch)
-        self.ranges: list[int] = []
-
-    def inverse_map_range(self, x, z, start, stop, cond=None):
-        self.ranges.append(start)
-        full = z + 0.5 * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        return full[:, start:stop] * (1 + 1e-6)
-
-
-def test_rows_computed_alone_are_certified_in_the_exact_mode_and_used_by_tolerance_plans():
-    batch = 4 * MIN_ROWS
-    z = torch.randn(batch, Wobbly.seq_len, 1)
-    block = RangedWobbly(batch)
-    assert torch.equal(solve(block, z, EXACT).x, solve(Wobbly(batch), z, FIXED_SHAPE).x)
-    assert block.ranges and min(block.ranges) > 0  # it computed rows alone, then certified them
-    tolerant = RangedWobbly(batch)
-    x = solve(tolerant, z, Jacobi(tol=1e-3)).x
-    assert tolerant.ranges and (x - solve(Wobbly(batch), z, FIXED_SHAPE).x).abs().max() <= 1e-3 * (1 + x.abs().max())
-    fixed = RangedWobbly(batch)
-    solve(fixed, z, FIXED_SHAPE)
-    assert not fixed.ranges  # a fixed shape means the full pass, every time
 
 
 @settings(max_examples=6, deadline=None)

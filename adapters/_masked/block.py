@@ -139,10 +139,6 @@ class MaskedARBlock:
 
     # -- what a library supplies ---------------------------------------------------------
 
-    univariate_slices: bool = False
-    """Whether `univariate_inverse` takes the parameters and noise of any run of features (not
-    only all `F`), so that a solve may invert just the features still moving."""
-
     def read_network(self, transform: nn.Module) -> MaskedNetwork | None:
         """The transform's network as a program of masked ops, or `None` for a network to call as is."""
         raise NotImplementedError
@@ -293,41 +289,6 @@ class MaskedARBlock:
             return None
         ELEMENTWISE[self.transform] = True
         return at
-
-    def inverse_map_range(self, x: Tensor, z: Tensor, start: int, stop: int, cond: Any = None) -> Tensor:
-        """Rows `[start, stop)` of `inverse_map(x, z)`: `(B, stop - start, 1)`.
-
-        In a solve, when those rows are a contiguous run of the library's features (any
-        order that is the identity or a reversal) and their parameters are contiguous
-        outputs of a masked last layer, only that part of the last layer and of the
-        univariate inverse is computed: the same products on fewer rows, equal to float
-        rounding (the exact mode certifies its answer at the full shape). Otherwise the
-        whole sweep, sliced.
-        """
-        span = self._library_span(start, stop)
-        if span is None:
-            return self.inverse_map(x, z, cond)[:, start:stop]
-        lo, hi = span
-        count = self.network.param_rows.shape[1]
-        params = self._program(_flat(x, self.seq_len, "x"), self._bind(cond, x.shape[0]),
-                               outputs=slice(lo * count, hi * count))
-        new = self.univariate_inverse(params, self._library_noise(z)[:, lo:hi])
-        return (new if self._identity else new.flip(1)).reshape(x.shape[0], stop - start, 1)
-
-    def _library_span(self, start: int, stop: int) -> tuple[int, int] | None:
-        """The library features `[lo, hi)` at positions `[start, stop)`, if a solve can compute them alone."""
-        program = self._program
-        if not isinstance(program, DenseProgram) or not program.last_layer_is_masked or torch.is_grad_enabled():
-            return None
-        if not self.univariate_slices or not (self._identity or self._reversal) or not self._grouped_by_feature:
-            return None
-        return (start, stop) if self._identity else (self.seq_len - stop, self.seq_len - start)
-
-    @property
-    def _grouped_by_feature(self) -> bool:
-        """Whether feature `i`'s parameters are outputs `i * P .. (i + 1) * P - 1` (zuko, nflows)."""
-        rows = self.network.param_rows
-        return bool(torch.equal(rows, torch.arange(rows.numel(), device=rows.device).view_as(rows)))
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""

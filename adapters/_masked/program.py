@@ -60,38 +60,26 @@ class DenseProgram:
     def __init__(self, network: MaskedNetwork, analysis: Analysis, weights: dict[int, Tensor] | None = None):
         self.network, self.analysis, self.weights = network, analysis, weights
 
-    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
-                 outputs: slice | None = None) -> Tensor:
+    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
         """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout.
 
         `buffers` (op index to tensor, filled here) lets the masked products of successive calls
         write into the same tensors, as `F.linear` computes them (`addmm`); the output is then
-        overwritten by the next call. `outputs`: only these output columns, from the same
-        product restricted to their rows of the last layer (see `last_layer_is_masked`).
+        overwritten by the next call.
         """
         if not self.analysis.identity:
             x = take_columns(x, self.analysis.position, self.analysis.reversal)
-        return self.run(x, cond, buffers, outputs)
+        return self.run(x, cond, buffers)
 
-    @property
-    def last_layer_is_masked(self) -> bool:
-        """Whether the output is a masked layer's, so that some of its columns can be computed alone."""
-        return isinstance(self.network.program[-1], Masked)
-
-    def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
-            outputs: slice | None = None) -> Tensor:
-        """`(B, F)` inputs in library order to the `(B, out)` output (its `outputs` columns if given)."""
+    def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
+        """`(B, F)` inputs in library order to the `(B, out)` output."""
         network = self.network
         weights = products(network) if self.weights is None else self.weights
         h = x if network.preprocess is None else network.preprocess(x)
         h = _with_context(network, h, cond)
         stack: list[Tensor] = []
         owned = False  # whether h is an intermediate of this call that nothing else holds
-        last = len(network.program) - 1
         for index, op in enumerate(network.program):
-            if isinstance(op, Masked) and index == last and outputs is not None:
-                bias = None if op.layer.bias is None else op.layer.bias[outputs]
-                return F.linear(h, weights[index][outputs], bias)
             if isinstance(op, Masked):
                 h = _linear(h, weights[index], op.layer.bias, buffers, index)
             elif isinstance(op, Apply):
