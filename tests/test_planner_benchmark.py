@@ -22,3 +22,7 @@ def test_the_planner_benchmark_reports_promise_fresh_error_floor_and_speed(tmp_p
         assert 0 < model["judged_samples"] <= 12
         assert all(row["best_seconds"] > 0 and row["fresh_error"] >= 0 for row in rows.values())
         assert model["floor_on_fresh"] is not None
+        for row in rows.values():  # the tail study: filled where there are errors to study
+            tail = row["tail"]
+            assert tail == {} or (tail["subset"] == 4 and 0 <= tail["estimate_short_fraction"] <= 1
+                                  and tail["largest_over_estimate_median"] > 0)
