@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .protocol import AffineARBlock, CausalMapBlock
 
-__all__ = ["Flow", "Permute", "is_ar_block"]
+__all__ = ["Flow", "Permute", "is_ar_block", "is_reversal", "take_columns"]
 
 Step = Callable[[Tensor, Any], Tensor]
 
@@ -102,6 +102,25 @@ def _check_step(step: Any, index: int) -> None:
                         f"step(x, cond) -> x; got {name}")
 
 
+def is_reversal(index: Tensor) -> bool:
+    """Whether `index` is `T-1, ..., 1, 0`."""
+    count = index.shape[0]
+    return count > 0 and int(index[0]) == count - 1 and bool(
+        torch.equal(index, torch.arange(count - 1, -1, -1, device=index.device)))
+
+
+def take_columns(values: Tensor, index: Tensor, reversal: bool | None = None) -> Tensor:
+    """`values[:, index]` (along dim 1): a copy, by a flip when `index` reverses the positions.
+
+    A flip reads and writes rows contiguously, several times faster than a gather, and the
+    values are the same (a copy). MAF stacks alternate reversed orders, so every other block
+    takes this path on every pass. `reversal`: whether `index` is one, if known.
+    """
+    if is_reversal(index) if reversal is None else reversal:
+        return values.flip(1)
+    return values.index_select(1, index)
+
+
 class Permute:
     """Reorder the positions of a `(B, T, D)` tensor: `x[:, order]`.
 
@@ -114,15 +133,13 @@ class Permute:
         if order.dim() != 1 or not torch.equal(order.sort().values, torch.arange(len(order))):
             raise ValueError(f"order must be a permutation of range(T); got {order.tolist()}")
         self.order = order
-        self._reversal = bool(torch.equal(order, torch.arange(len(order) - 1, -1, -1)))
+        self._reversal = is_reversal(order)
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         if x.dim() < 2 or x.shape[1] != len(self.order):
             raise ValueError(f"Permute of {len(self.order)} positions got an input of shape "
                              f"{tuple(x.shape)}; expected (B, {len(self.order)}, ...)")
-        if self._reversal:  # the order between MAF layers; a flip is several times cheaper than a gather
-            return x.flip(1)
-        return x.index_select(1, self.order.to(x.device))
+        return take_columns(x, self.order.to(x.device), self._reversal)
 
     def with_log_det(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """The permuted `x` and its log |det|, zero: a permutation preserves volume."""

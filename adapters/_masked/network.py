@@ -26,6 +26,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from arflow_solvers.flow import is_reversal, take_columns
+
 __all__ = [
     "AddPopped",
     "Analysis",
@@ -289,24 +291,6 @@ def _unit_orders(network: MaskedNetwork, outputs: Tensor) -> tuple[Tensor, dict[
             counts = sum(mask.detach().ne(0).sum(0) for mask in masks)
             orders[root] = torch.sort(-counts, stable=True).indices
     return orders[find(first)], {i: (orders[find(r)], orders[find(c)]) for i, (r, c) in edges.items()}
-
-
-def is_reversal(index: Tensor) -> bool:
-    """Whether `index` is `F-1, ..., 1, 0`."""
-    count = index.shape[0]
-    return int(index[0]) == count - 1 and bool(torch.equal(index, torch.arange(count - 1, -1, -1, device=index.device)))
-
-
-def take_columns(values: Tensor, index: Tensor, reversal: bool | None = None) -> Tensor:
-    """`values[:, index]` for `(B, F)` values: a copy, by a flip when `index` reverses the columns.
-
-    A flip reads and writes rows contiguously, several times faster than a column gather, and
-    the values are the same (a copy). MAF stacks alternate reversed orders, so every other
-    block takes this path on every pass. `reversal`: whether `index` is one, if known.
-    """
-    if is_reversal(index) if reversal is None else reversal:
-        return values.flip(1)
-    return values.index_select(1, index)
 
 
 def analyse(network: MaskedNetwork, name: str = "the network") -> Analysis:

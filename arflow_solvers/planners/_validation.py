@@ -26,6 +26,7 @@ from torch import Tensor
 from .._evaluate import select_rows
 from ..flow import Flow
 from ..solve import solve
+from ..solution import finite_samples
 from ..solvers import Serial
 from ._float64 import float64_answer
 
@@ -85,7 +86,7 @@ class HeldOut:
     def of(cls, flow: Flow, z: Tensor, cond: Any, max_error: float) -> HeldOut:
         """Solve the held-out samples serially and keep those a plan can be judged on."""
         serial = solve(flow, z, Serial(), cond=cond, throw=False).x
-        judged = torch.isfinite(serial.flatten(1)).all(1)
+        judged = finite_samples(serial)
         if z.dtype != torch.float64 and z.shape[0]:
             truth = float64_answer(flow, z, cond)
             if truth is not None:
