@@ -4,6 +4,7 @@ from . import divergence, init
 from .divergence import DivergencePolicy, FallBack, GiveUp
 from .flow import Flow, Permute
 from .metrics import crm, flow_metrics, igm, iterations_to_tolerance
+from .newton import Newton
 from .plan import Plan
 from .planners import CalibratedPlanner, MetricPlanner
 from .protocol import AffineARBlock, CachedARBlock, CausalMapBlock, HasOutputProjection
@@ -27,6 +28,7 @@ __all__ = [
     "HasOutputProjection",
     "Jacobi",
     "MetricPlanner",
+    "Newton",
     "NotCausalError",
     "Permute",
     "Plan",

@@ -98,6 +98,11 @@ class Evaluator:
         self._passes += 1
         self._work += samples * positions / (self.batch_size * self.seq_len)
 
+    def record(self, passes: int, work: float) -> None:
+        """Add calls made outside this evaluator (a nested solve's) to the counts."""
+        self._passes += passes
+        self._work += work
+
     def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
         """New values of rows `[start, stop)` for samples `rows` (`None`: all).
 

@@ -14,6 +14,7 @@ import torch
 
 from . import init as inits
 from .divergence import POLICIES
+from .newton import Newton
 from .solvers import GSJacobi, Jacobi, Serial, Solver
 
 __all__ = ["Plan", "as_plan"]
@@ -261,7 +262,7 @@ class Plan:
             raise ValueError(f"{path} is not a valid plan: {error}") from error
 
 
-_SOLVERS = {"Serial": Serial, "Jacobi": Jacobi, "GSJacobi": GSJacobi}
+_SOLVERS = {"Serial": Serial, "Jacobi": Jacobi, "GSJacobi": GSJacobi, "Newton": Newton}
 _INITS = {"noise": inits.noise, "zeros": inits.zeros, "zeros_first_exact": inits.zeros_first_exact}
 
 

@@ -209,14 +209,7 @@ class _Iterative(Solver):
         batch, seq_len = z.shape[:2]
         bounds = segment_bounds(seq_len, self._segments())
         ev = Evaluator(block, z, cond, self.update_dtype)
-        x = self.init(ev.view, z, cond)
-        if not isinstance(x, Tensor) or x.shape != z.shape or x.dtype != z.dtype:
-            raise ValueError(
-                f"init must return a tensor shaped and typed like z {tuple(z.shape)} {z.dtype}; "
-                f"got {getattr(x, 'shape', type(x).__name__)}"
-            )
-        if self.init not in _FRESH_INITS:  # the built-in guesses return a new tensor
-            x = x.clone()
+        x = initial_guess(self.init, ev, z, cond)
         everyone = torch.arange(batch, device=z.device)
         first_exact = inits.exact_prefix(self.init)
         options = self._sweep_options()
@@ -355,6 +348,17 @@ class GSJacobi(_Iterative):
 
 
 _FRESH_INITS = (inits.noise, inits.zeros, inits.zeros_first_exact)
+
+
+def initial_guess(init: inits.Init, ev: Evaluator, z: Tensor, cond: Any) -> Tensor:
+    """`init`'s guess for `z`, checked, and ours to overwrite; its network calls are counted by `ev`."""
+    x = init(ev.view, z, cond)
+    if not isinstance(x, Tensor) or x.shape != z.shape or x.dtype != z.dtype:
+        raise ValueError(
+            f"init must return a tensor shaped and typed like z {tuple(z.shape)} {z.dtype}; "
+            f"got {getattr(x, 'shape', type(x).__name__)}"
+        )
+    return x if init in _FRESH_INITS else x.clone()  # the built-in guesses return a new tensor
 
 
 def _check_update_dtype(dtype: Any) -> None:

@@ -11,7 +11,9 @@ Per model and guidance weight, the samplers, all on the same weights, noise and 
   bit for bit);
 - `serial`: our `Serial()`, the reference every error is measured against;
 - our Jacobi / GS-Jacobi plans, exact (`tol=0`) and with tolerances;
-- `metric_planner`, `calibrated_planner`: plans chosen on a separate calibration batch.
+- `metric_planner`, `calibrated_planner`: plans chosen on a separate calibration batch;
+- on the fixture (`T * D <= NEWTON_MAX_SIZE`), `Newton`: few calls, each `1 + T * D`
+  evaluations' work (its `work` column says how much).
 
 Per sampler: sequential network calls per block in sampling order (the text prefix's one
 encoding per text block is not counted, for any sampler), work in full-pass equivalents, CPU wall
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import environment, time_summary, timed_rounds, write_json  # noqa: E402
 from _starflow_public import public_jacobi, public_reverse  # noqa: E402
-from arflow_solvers import CalibratedPlanner, GSJacobi, Jacobi, MetricPlanner, Serial, solve  # noqa: E402
+from arflow_solvers import CalibratedPlanner, GSJacobi, Jacobi, MetricPlanner, Newton, Serial, solve  # noqa: E402
 from arflow_solvers.adapters.starflow import StarFlow, as_flow  # noqa: E402
 
 __all__ = ["main", "build_large", "load_fixture", "measure"]
@@ -53,6 +55,7 @@ __all__ = ["main", "build_large", "load_fixture", "measure"]
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "starflow_public_tiny.pt"
 PUBLIC_SETTINGS = [(0.001, 16), (0.005, 64)]
+NEWTON_MAX_SIZE = 256  # T * D up to which Newton (1 + T * D evaluations per call) is measured: the fixture
 LARGE = dict(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=6,
              layers_per_block=[1, 1, 1, 1, 1, 6], head_dim=64, rope=True, sos=True, txt_size=16, txt_dim=64,
              cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R")
@@ -104,7 +107,7 @@ def _compare(x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
             "frac_8bit_equal": float((_quantised(x, lo, hi) == _quantised(reference, lo, hi)).float().mean())}
 
 
-def _our_plans(tiny: bool) -> dict[str, Any]:
+def _our_plans(tiny: bool, newton: bool) -> dict[str, Any]:
     if tiny:
         return {"jacobi_exact": Jacobi(tol=0.0), "jacobi_tol1e-4": Jacobi(tol=1e-4)}
     plans: dict[str, Any] = {"jacobi_exact": Jacobi(tol=0.0), "gs4_exact": GSJacobi(4, tol=0.0)}
@@ -113,6 +116,8 @@ def _our_plans(tiny: bool) -> dict[str, Any]:
     for k in (6, 8, 12, 16, 20):
         plans[f"jacobi_iters{k}"] = Jacobi(tol=0.0, max_iters=k)
     plans["gs4_tol1e-4"] = GSJacobi(4, tol=1e-4)
+    if newton:
+        plans.update({"newton_tol1e-3": Newton(tol=1e-3), "newton_iters4": Newton(max_iters=4)})
     return plans
 
 
@@ -130,7 +135,8 @@ def measure(model: StarFlow, data: dict[str, Any], guidance: float, args: argpar
     """Every sampler on one model and guidance weight: calls, work, time, error vs serial."""
     flow = as_flow(model, guidance=guidance)
     cond, text = _cond(data, guidance), _public_text(data, guidance)
-    plans = {"serial": Serial(), **_our_plans(args.tiny)}
+    newton = data["z"][0].numel() <= NEWTON_MAX_SIZE
+    plans = {"serial": Serial(), **_our_plans(args.tiny, newton)}
     if not args.tiny:
         plans.update(_planned(model, data, guidance, args.max_error, args.seed + 1))
     fns: dict[str, Callable[[], Any]] = {"public_serial": lambda: public_reverse(model, data["z"], text, guidance)}

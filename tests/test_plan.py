@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from arflow_solvers import GSJacobi, Jacobi, Plan, Serial
+from arflow_solvers import GSJacobi, Jacobi, Newton, Plan, Serial
 from arflow_solvers import init as inits
 from arflow_solvers.plan import as_plan
 
@@ -128,11 +128,13 @@ def test_every_solver_option_survives_save_and_load(tmp_path):
     plan = Plan(Serial(update_dtype=torch.float32),
                 {1: GSJacobi((2, 3), tol=1e-3, atol=1e-6, norm="rms", max_iters=4, init=inits.zeros,
                              patience=2, update_dtype=torch.float64, drop_converged=False,
-                             on_divergence="give_up")})
+                             on_divergence="give_up"),
+                 2: Newton(tol=1e-3, atol=1e-6, norm="rms", max_iters=4, init=inits.zeros, patience=2,
+                           chunk_size=16)})
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded == plan
-    for solver in (Serial(), Jacobi(), GSJacobi(2)):  # every field is written: none can be dropped
+    for solver in (Serial(), Jacobi(), GSJacobi(2), Newton()):  # every field is written: none can be dropped
         written = Plan(solver).to_dict()["default"]
         assert set(written) == {"type"} | {f.name for f in dataclasses.fields(solver)}
 
@@ -140,7 +142,7 @@ def test_every_solver_option_survives_save_and_load(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('{"default": {"type": "Jacobi", "tol": 1e-3, "max_iter": 5}}', r"unknown Jacobi options \['max_iter'\]"),
     ('{"default": {"type": "Jacobi"}, "overide": {}}', r"unknown keys \['overide'\]"),
-    ('{"default": {"type": "Newton"}}', "unknown solver type 'Newton'"),
+    ('{"default": {"type": "Anderson"}}', "unknown solver type 'Anderson'"),
     ('{"default": {"type": "Jacobi", "tol": "fast"}}', "tol must be a finite number"),
     ('{"default": {"type": "Jaco', "cannot read a plan"),
 ])
