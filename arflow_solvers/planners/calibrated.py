@@ -122,8 +122,8 @@ class CalibratedPlanner:
     """Beyond the paper: choose per block the solver with the least modelled wall time.
 
     On a calibration batch, each block is solved serially (the reference), by
-    `GSJacobi(m, tol=tol)` for each `m` in `segments`, by Jacobi at `tol / 10` and `tol / 100`
-    and by the exact mode `Jacobi(tol=0)`.
+    `GSJacobi(m, tol=tol)` for each `m` in `segments`, by Jacobi at `tol / 3`, `tol / 10`,
+    `tol / 30` and `tol / 100` and by the exact mode `Jacobi(tol=0)`.
     Each block gets the candidate with the least modelled time
     `passes * seconds_per_call + work * seconds_per_pass` (both measured on the block, median
     of `repeats` timings, unless `cost` fixes them) among those whose block error vs serial
@@ -146,11 +146,18 @@ class CalibratedPlanner:
     vectors), so it falls short of the true largest error by a factor the margin covers.
     If the default plan `Jacobi(tol=tol)` keeps the promise and is modelled no slower, or the
     calibrated plan misses it, the default is returned when it keeps it: a planner never
-    makes sampling slower at the same validated error. Otherwise Jacobi at `tol / 10`, then
-    `tol / 100`, on every block is returned if it keeps the promise, else the exact plan
-    (per block the cheaper of serial and `Jacobi(tol=0)`) if it does; if even that misses,
-    no plan can keep it in this dtype: the planner says so (`Calibration.promised` is
-    `False`, with a warning) and returns the default. A `max_error` below the flow's own
+    makes sampling slower at the same validated error. Otherwise the loosest of Jacobi at
+    `tol / 3`, `tol / 10`, `tol / 30` and `tol / 100` on every block that keeps the promise
+    is returned (a finer ladder than decades: the error is not monotone in the tolerance on
+    ill-conditioned flows, and each step tighter costs passes), else the exact plan
+    (per block the cheaper of serial and `Jacobi(tol=0)`) if it does. A plan is returned in
+    place of the default only if its modelled speed is at least `min_speed` times the
+    default's: when the only plans that keep the promise are slower, the planner says so,
+    naming the fastest of them and its speed (`Calibration.promised` is `False`, with a
+    warning), and returns the default, so a planner never makes sampling slower than the
+    default; `min_speed=None` returns the slower plan instead. If even the exact plan
+    misses, no plan can keep the promise in this dtype: the planner says so and returns the
+    default. A `max_error` below the flow's own
     float32-vs-float64 error (`Calibration.floor`) is warned about. With `cost` given the
     result is
     deterministic given the seed; with measured costs it can differ between runs whose
@@ -173,6 +180,8 @@ class CalibratedPlanner:
             error is over that many).
         tail_factor: the margin between the estimated largest error and `max_error` a
             promise needs (see above).
+        min_speed: the least modelled speed, relative to the default plan's, of a plan
+            returned in place of the default (see above); `None`: keep the promise at any speed.
     """
 
     tol: float = 1e-5
@@ -187,6 +196,7 @@ class CalibratedPlanner:
     safety: float = 2.0
     promise_for: int = 1000
     tail_factor: float = 4.0
+    min_speed: float | None = 0.95
 
     def __post_init__(self) -> None:
         check_tolerance("tol", self.tol)
@@ -198,6 +208,8 @@ class CalibratedPlanner:
             raise ValueError(f"safety must be >= 1; got {self.safety!r}")
         if not (isinstance(self.tail_factor, (int, float)) and 1 <= self.tail_factor < math.inf):
             raise ValueError(f"tail_factor must be a finite number >= 1; got {self.tail_factor!r}")
+        if self.min_speed is not None and not (isinstance(self.min_speed, (int, float)) and 0 < self.min_speed < math.inf):
+            raise ValueError(f"min_speed must be None or a finite number > 0; got {self.min_speed!r}")
         if not isinstance(self.promise_for, int) or self.promise_for < 1:
             raise ValueError(f"promise_for must be an int >= 1; got {self.promise_for!r}")
 
@@ -259,7 +271,7 @@ class CalibratedPlanner:
         """Serial first, the default `Jacobi(tol)` second, then the others."""
         return [Serial(), Jacobi(tol=self.tol, init=self.init),
                 *(GSJacobi(m, tol=self.tol, init=self.init) for m in self.segments if m != 1),
-                *(Jacobi(tol=_tighter(self.tol, d), init=self.init) for d in (10, 100)),
+                *(Jacobi(tol=_tighter(self.tol, d), init=self.init) for d in _TIGHTER_BY),
                 Jacobi(tol=0.0, init=self.init)]
 
     def _select(self, flow: Flow, z: Tensor, cond: Any, reference: Tensor, options: list,
@@ -291,6 +303,7 @@ class CalibratedPlanner:
                 "is returned; raise max_error, or sample in float64")
 
         verdicts: dict[tuple[int, ...], tuple[Tensor, bool]] = {}
+        default = [1] * len(chosen)  # Jacobi(tol) on every block
 
         def verdict(picks: list[int]) -> tuple[Tensor, bool]:
             """The plan's held-out errors and whether it keeps the promise; each plan solved once."""
@@ -302,30 +315,44 @@ class CalibratedPlanner:
         def seconds_of(picks: list[int]) -> float:
             return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
 
+        def fast_enough(picks: list[int]) -> bool:
+            """Whether the plan's modelled speed is at least `min_speed` times the default's."""
+            return self.min_speed is None or seconds_of(picks) * self.min_speed <= seconds_of(default)
+
         errors, kept = verdict(chosen)
-        default = [1] * len(chosen)  # Jacobi(tol) on every block
         if chosen != default and (not kept or seconds_of(default) <= seconds_of(chosen)):
             default_errors, default_kept = verdict(default)
             if default_kept:
                 reason = "is modelled no slower than the calibrated one" if kept else "while the calibrated one did not"
                 return default, default_errors, True, (f"the default plan kept the promise and {reason}, so it "
                                                        "is returned")
-        if kept:
+        if kept and fast_enough(chosen):
             return chosen, errors, True, ""
         missed = (f"the calibrated plan missed the promise on the held-out samples (estimated max "
-                  f"{largest_of(errors, self.promise_for):.3g}, times {self.tail_factor:g}, > {self.max_error:g})")
-        for tighter in _uniformly_tighter(options[0], self.tol):
-            tighter_errors, tighter_kept = verdict([tighter] * len(chosen))
-            if tighter_kept:
-                return [tighter] * len(chosen), tighter_errors, True, (
-                    f"{missed}, so {_simplest(options[0][tighter])} on every block is returned")
+                  f"{largest_of(errors, self.promise_for):.3g}, times {self.tail_factor:g}, > {self.max_error:g})"
+                  if not kept else "the calibrated plan keeps the promise only slower than the default")
         exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
-        exact_errors, exact_kept = verdict(exact)
-        if exact_kept:
-            return exact, exact_errors, True, f"{missed}, so the exact plan is returned"
+        fallbacks = [([t] * len(chosen), f"{_simplest(options[0][t])} on every block")
+                     for t in _uniformly_tighter(options[0], self.tol)] + [(exact, "the exact plan")]
+        keeping = [(chosen, "the calibrated plan")] if kept else []
+        for picks, name in fallbacks:  # each slower than the one before
+            picked_errors, picked_kept = verdict(picks)
+            if picked_kept and fast_enough(picks):
+                return picks, picked_errors, True, f"{missed}, so {name} is returned"
+            if picked_kept:
+                keeping.append((picks, name))
+                break
+        if keeping:
+            picks, name = min(keeping, key=lambda plan: seconds_of(plan[0]))
+            return default, verdict(default)[0], False, (
+                f"no plan modelled at least {self.min_speed:g}x as fast as the default keeps max_error="
+                f"{self.max_error:g} over {self.promise_for} samples: {name} does (estimated max "
+                f"{largest_of(verdict(picks)[0], self.promise_for):.3g}) at {seconds_of(default) / seconds_of(picks):.2f}x "
+                "the default's modelled speed; the default plan is returned, which may err more; pass "
+                "min_speed=None to be given the slower plan")
         return default, verdict(default)[0], False, (
             f"no plan keeps max_error={self.max_error:g} over {self.promise_for} samples on this flow: even the "
-            f"exact plan's estimated max error is {largest_of(exact_errors, self.promise_for):.3g} (rounding in "
+            f"exact plan's estimated max error is {largest_of(verdict(exact)[0], self.promise_for):.3g} (rounding in "
             f"{held.serial.dtype} amplified by ill-conditioned samples), so the default plan is returned; "
             "raise max_error, or sample in float64")
 
@@ -344,6 +371,9 @@ def _uniformly_tighter(candidates: Sequence[Solver], tol: float) -> list[int]:
     found = [(i, s.tol) for i, s in enumerate(candidates)
              if type(s) is Jacobi and 0 < s.tol < tol]
     return [i for i, _ in sorted(found, key=lambda item: -item[1])]
+
+
+_TIGHTER_BY = (3, 10, 30, 100)  # the uniformly tighter Jacobi tolerances tried: tol / each
 
 
 def _tighter(tol: float, factor: int) -> float:
