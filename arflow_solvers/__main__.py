@@ -132,6 +132,18 @@ def _one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _speed_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'none'; got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -162,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="calibration batch size (the calibrated planner holds half of it out to validate)")
     plan.add_argument("--tol", type=float, default=1e-5, help="solver tolerance")
     plan.add_argument("--max-error", type=float, default=1e-4, help="calibrated: max abs error vs serial")
+    plan.add_argument("--min-speed", type=_speed_or_none, default=0.95,
+                      help="calibrated: least modelled speed vs the default plan of a plan returned instead of "
+                           "it; 'none': keep the promise at any speed")
     plan.add_argument("--segments", type=int, default=8, help="metric: GS segments of tough blocks")
     plan.add_argument("--shared-init", action="store_true",
                       help="metric: one initial guess for all blocks (default: per block, by IGM)")
@@ -207,8 +222,8 @@ def _plan(args: argparse.Namespace, flow: Any, z: Any, cond: Any) -> int:
         plan = MetricPlanner(segments=args.segments, tol=args.tol,
                              shared_init=args.shared_init).plan_from_metrics(metrics)
     else:
-        calibration = CalibratedPlanner(tol=args.tol, max_error=args.max_error,
-                                        seed=args.seed).calibrate(flow, z, cond, show_progress=True)
+        calibration = CalibratedPlanner(tol=args.tol, max_error=args.max_error, seed=args.seed,
+                                        min_speed=args.min_speed).calibrate(flow, z, cond, show_progress=True)
         plan = calibration.plan
     began = time.perf_counter()
     reference = solve(flow, z, Serial(), cond=cond, throw=False)
@@ -227,8 +242,8 @@ def _plan(args: argparse.Namespace, flow: Any, z: Any, cond: Any) -> int:
     if calibration is not None:
         print(f"expected speedup (cost model): {calibration.expected_speedup:.2f}x; "
               f"selection rounds: {calibration.rounds}")
-        print(f"validated: {calibration.meaning}; promised max error {args.max_error:g}: "
-              f"{'held' if calibration.promised else 'NOT held'}")
+        print(f"validated: {calibration.meaning}; max error {args.max_error:g}: "
+              f"{'promised' if calibration.promised else 'NOT promised (see the note)'}")
         if calibration.floor is not None:
             print(f"floor: serial sampling in {z.dtype} is {calibration.floor:.3g} from float64")
         if calibration.note:

@@ -43,10 +43,11 @@ def test_plan_command_writes_a_plan_that_plan_load_reads(tmp_path, checkpoint, c
 def test_calibrated_plan_command_keeps_the_calibration_in_its_json(tmp_path, checkpoint, capsys):
     report = tmp_path / "report.json"
     code = main(["plan", str(checkpoint), "--model", "toys:load_for_planning", "--batch", "4",
-                 "--planner", "calibrated", "--max-error", "1e-3", "--json", str(report)])
+                 "--planner", "calibrated", "--max-error", "1e-3", "--min-speed", "none", "--json", str(report)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "expected speedup" in printed and "held-out samples" in printed and "not a bound" in printed
+    assert "max error 0.001: promised" in printed or "NOT promised (see the note)" in printed
     calibration = json.loads(report.read_text())["calibration"]
     assert calibration["end_to_end_error"] <= 1e-3 and calibration["rounds"] >= 1
     assert all(len(block["candidates"]) >= 2 for block in calibration["blocks"])
@@ -119,6 +120,9 @@ def test_a_batch_below_one_is_refused_by_the_parser(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["plan", str(checkpoint), "--model", "toys:load_for_planning", "--batch", "0"])
     assert exit_.value.code == 2 and "--batch: must be an int >= 1; got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", str(checkpoint), "--model", "toys:load_for_planning", "--min-speed", "fast"])
+    assert exit_.value.code == 2 and "--min-speed: must be a number > 0 or 'none'; got 'fast'" in capsys.readouterr().err
 
 
 def test_a_plan_that_cannot_be_made_is_one_line_with_status_1(checkpoint, monkeypatch, capsys):
