@@ -331,17 +331,22 @@ class CalibratedPlanner:
         missed = (f"the calibrated plan missed the promise on the held-out samples (estimated max "
                   f"{largest_of(errors, self.promise_for):.3g}, times {self.tail_factor:g}, > {self.max_error:g})"
                   if not kept else "the calibrated plan keeps the promise only slower than the default")
-        exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]
-        fallbacks = [([t] * len(chosen), f"{_simplest(options[0][t])} on every block")
-                     for t in _uniformly_tighter(options[0], self.tol)] + [(exact, "the exact plan")]
         keeping = [(chosen, "the calibrated plan")] if kept else []
-        for picks, name in fallbacks:  # each slower than the one before
+        for tighter in _uniformly_tighter(options[0], self.tol):  # each slower than the one before
+            picks = [tighter] * len(chosen)
             picked_errors, picked_kept = verdict(picks)
             if picked_kept and fast_enough(picks):
-                return picks, picked_errors, True, f"{missed}, so {name} is returned"
+                return picks, picked_errors, True, f"{missed}, so {_simplest(options[0][tighter])} on every block is returned"
             if picked_kept:
-                keeping.append((picks, name))
+                keeping.append((picks, f"{_simplest(options[0][tighter])} on every block"))
                 break
+        exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]  # may be fast: cached serial
+        if fast_enough(exact) or not keeping:
+            exact_errors, exact_kept = verdict(exact)
+            if exact_kept and fast_enough(exact):
+                return exact, exact_errors, True, f"{missed}, so the exact plan is returned"
+            if exact_kept:
+                keeping.append((exact, "the exact plan"))
         if keeping:
             picks, name = min(keeping, key=lambda plan: seconds_of(plan[0]))
             return default, verdict(default)[0], False, (
