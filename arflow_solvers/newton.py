@@ -24,25 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import init as inits
 from ._evaluate import Evaluator, select_rows
 from ._sweep import NotCausalError
 from .adjoint import update
 from .solution import BlockStats, Status
-from .solvers import Serial, Solver, _block_stats, _sync, initial_guess
-from .stopping import Norm, StoppingRule, check_tolerance
+from .solvers import _Iterating, Serial, _block_stats, _sync, check_optional_count, initial_guess
 
 __all__ = ["Newton"]
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class Newton(Solver):
+class Newton(_Iterating):
     r"""Newton's method with the block's full causal Jacobian: fewest sequential calls, most work per call.
 
     Each iteration is one network call that returns the update $F(x)$ and its Jacobian (the
@@ -90,29 +88,15 @@ class Newton(Solver):
         True
     """
 
-    tol: float = 1e-5
-    atol: float = 0.0
-    norm: Norm = "max"
-    max_iters: int | None = None
-    init: inits.Init = field(default=inits.noise)
     patience: int = 3
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_tolerance("tol", self.tol)
-        check_tolerance("atol", self.atol)
+        super().__post_init__()
         if self.tol == 0 and self.atol == 0:
             raise ValueError("Newton needs tol > 0 or atol > 0: rounding keeps its step from reaching exact "
                              "zero; for the exact answer use Jacobi(tol=0.0) or Serial()")
-        StoppingRule(self.tol, self.atol, self.norm)
-        for name in ("max_iters", "chunk_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an int >= 1; got {value!r}")
-        if not callable(self.init):
-            raise TypeError(f"init must be callable init(block, z, cond) -> x0; got {self.init!r}")
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"patience must be an int >= 1; got {self.patience!r}")
+        check_optional_count("chunk_size", self.chunk_size)
 
     @torch.no_grad()
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
@@ -121,7 +105,7 @@ class Newton(Solver):
         batch, seq_len = z.shape[:2]
         ev = Evaluator(block, z, cond, None)
         x = initial_guess(self.init, ev, z, cond)
-        rule = StoppingRule(self.tol, self.atol, self.norm)
+        rule = self.stopping_rule()
         iterations = torch.zeros(batch, dtype=torch.long)
         status = torch.zeros(batch, dtype=torch.long)
         history: list[Tensor] = []

@@ -163,8 +163,8 @@ def _block_stats(solver: Solver, index: int, ev: Evaluator, x: Tensor, began: fl
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class _Iterative(Solver):
-    """Options shared by the Jacobi-type solvers (all keyword-only)."""
+class _Iterating(Solver):
+    """Options of every iterative solver (all keyword-only): its stopping rule, cap, guess and patience."""
 
     tol: float = 1e-5
     atol: float = 0.0
@@ -172,22 +172,37 @@ class _Iterative(Solver):
     max_iters: int | None = None
     init: inits.Init = field(default=inits.noise)
     patience: int = 8
-    update_dtype: torch.dtype | None = None
-    drop_converged: bool | None = None
-    on_divergence: PolicyLike = "fall_back"
 
     def __post_init__(self) -> None:
         check_tolerance("tol", self.tol)
         check_tolerance("atol", self.atol)
         StoppingRule(self.tol, self.atol, self.norm)
-        if self.max_iters is not None and (
-            isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) or self.max_iters < 1
-        ):
-            raise ValueError(f"max_iters must be None or an int >= 1; got {self.max_iters!r}")
+        check_optional_count("max_iters", self.max_iters)
         if not callable(self.init):
             raise TypeError(f"init must be callable init(block, z, cond) -> x0; got {self.init!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"patience must be an int >= 1; got {self.patience!r}")
+
+    def stopping_rule(self) -> StoppingRule:
+        return StoppingRule(self.tol, self.atol, self.norm)
+
+
+def check_optional_count(name: str, value: object) -> None:
+    """Raise `ValueError` naming `name` unless `value` is `None` or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class _Iterative(_Iterating):
+    """Options shared by the Jacobi-type solvers (all keyword-only)."""
+
+    update_dtype: torch.dtype | None = None
+    drop_converged: bool | None = None
+    on_divergence: PolicyLike = "fall_back"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.drop_converged is not None and not isinstance(self.drop_converged, bool):
             raise TypeError(f"drop_converged must be None or a bool; got {self.drop_converged!r}")
         _check_update_dtype(self.update_dtype)
@@ -199,7 +214,7 @@ class _Iterative(Solver):
     def _sweep_options(self) -> SweepOptions:
         tolerance = self.tol > 0 or self.atol > 0
         drop = tolerance if self.drop_converged is None else self.drop_converged
-        return SweepOptions(StoppingRule(self.tol, self.atol, self.norm), self.patience,
+        return SweepOptions(self.stopping_rule(), self.patience,
                             as_policy(self.on_divergence), drop, certify=self.drop_converged is None and not tolerance)
 
     @torch.no_grad()
