@@ -352,7 +352,7 @@ class CalibratedPlanner:
             return default, verdict(default)[0], False, (
                 f"no plan modelled at least {self.min_speed:g}x as fast as the default keeps max_error="
                 f"{self.max_error:g} over {self.promise_for} samples: {name} does (estimated max "
-                f"{largest_of(verdict(picks)[0], self.promise_for):.3g}) at {seconds_of(default) / seconds_of(picks):.2f}x "
+                f"{largest_of(verdict(picks)[0], self.promise_for):.3g}) at {seconds_of(default) / seconds_of(picks):.3g}x "
                 "the default's modelled speed; the default plan is returned, which may err more; pass "
                 "min_speed=None to be given the slower plan")
         return default, verdict(default)[0], False, (
