@@ -292,3 +292,61 @@ def starflow_part(ctx: Any) -> dict[str, Any]:
     if publics and exact in methods:
         result["targets"]["exact_modes_err"] = {exact: methods[exact]["max_abs_err_vs_serial"]}
     return result
+
+
+# ----------------------------------------------------------------------------- the public fixture, Newton
+
+
+def fixture_part(ctx: Any) -> dict[str, Any]:
+    """The public-code fixture (T = 64): Newton's few, wide calls vs the public block-wise Jacobi, in wall time.
+
+    On a CPU Newton loses (each call is 1 + T * D evaluations); whether its 5 calls per block
+    beat the public sampler's 6 narrow ones is a question for a GPU, which this part answers.
+    Smoke mode: one sample, Newton capped at one iteration (the plumbing only).
+    """
+    from starflow import load_fixture
+
+    from arflow_solvers import Newton
+
+    model, data = load_fixture()
+    model = model.to(ctx.device)
+    batch = 1 if ctx.smoke else data["z"].shape[0]
+    z, y = data["z"][:batch].to(ctx.device), data["y"][:batch].to(ctx.device)
+    flow = as_flow(model)
+    newton = Newton(tol=1e-3, max_iters=1) if ctx.smoke else Newton(tol=1e-3)
+    plans = {"serial": Serial(), "jacobi_tol1e-4": Jacobi(tol=1e-4), "newton_tol1e-3": newton}
+
+    def ours(plan: Any) -> Callable[[], tuple]:
+        def run() -> tuple:
+            with torch.no_grad():
+                sol = solve(flow, z, plan, cond=y, throw=False)
+            return sol.x, block_rows(sol), sol
+        return run
+
+    def public(sampler: Callable) -> Callable[[], tuple]:
+        def run() -> tuple:
+            rows: list[dict[str, Any]] = []
+
+            def solve_block(index: int, x: torch.Tensor, text: Any, guidance: float) -> tuple:
+                x, calls, work = sampler(index, x, text, guidance)
+                rows.append({"block": len(rows), "calls": calls, "full_pass_equiv": round(work, 3)})
+                return x, calls, work
+
+            with torch.no_grad():
+                return _run(model, z, y, 0.0, solve_block)[0], rows, None
+        return run
+
+    samplers = {f"public_jacobi_th{th:g}_bs{bs}": (
+        lambda index, x, text, g, th=th, bs=bs: _jacobi_block(model, index, x, text, g, th, bs, MAX_ITER))
+        for th, bs in PUBLIC_SETTINGS}
+    fns = {**{k: ours(p) for k, p in plans.items()}, **{k: public(s) for k, s in samplers.items()}}
+    times, outputs = timed_rounds(fns, rounds=ctx.args.rounds, until=ctx.until, first_round_s=0.0, sync=ctx.sync,
+                                  log=ctx.log)
+    if not times["serial"]:
+        return {"status": "partial", "reason": "no round fitted the time left"}
+    methods = _summaries({k: v for k, v in times.items() if v}, outputs)
+    t = {name: m["best_s"] for name, m in methods.items()}
+    ratios = {f"newton_tol1e-3_vs_{name}": t[name] / t["newton_tol1e-3"] for name in t if name != "newton_tol1e-3"}
+    return {"model": "tests/fixtures/starflow_public_tiny.pt (public code, T = 64, 3 blocks)", "batch_size": batch,
+            "guidance": 0.0, "plans": {k: repr(p) for k, p in plans.items()}, "methods": methods, "ratios": ratios,
+            "targets": _targets(methods, MAX_ERROR), "status": "ok"}

@@ -20,7 +20,10 @@ CUDA versions), each part's status and headline ratios. Parts, in the order they
 - `starflow_t2i_3b`: STARFlow at the public 3B text-to-image shapes (T = 1024, width 3072, layers
   [2, 2, 2, 2, 2, 24], a 128-token text prefix), random weights, float32, guidance 3.6: the public
   serial and block-wise Jacobi samplers vs our `Serial()`, Jacobi, GS-Jacobi and the exact mode
-  run to a cap; calls per block, wall time, max abs error vs serial (`_gpu_starflow.py`).
+  run to a cap; calls per block, wall time, max abs error vs serial (`_gpu_starflow.py`);
+- `starflow_fixture`: the public-code STARFlow fixture (T = 64): `Newton(tol=1e-3)` (a few
+  wide calls) vs the public block-wise Jacobi at its two settings and our `Jacobi(tol=1e-4)`,
+  in wall time on the device.
 
 Time: a global deadline (`--deadline`, 540 s on a GPU) and a nominal time limit per part; each
 part gets its share of the time left, in proportion to its nominal limit among the parts still
@@ -62,6 +65,7 @@ PART_LIMITS: dict[str, tuple[float, float]] = {  # part -> (seconds on a GPU, se
     "tarflow_afhq": (60, 5),
     "tarflow_afhq_cfg": (80, 5),
     "starflow_t2i_3b": (120, 5),
+    "starflow_fixture": (30, 8),
 }
 MIN_PART_S = (5.0, 0.5)  # below this a part is skipped rather than started
 NO_CUDA = ("gpu_suite: no CUDA device is available (torch.cuda.is_available() is False). The full suite "
@@ -87,7 +91,7 @@ class Context:
 
 def _parts() -> dict[str, Callable[[Context], dict[str, Any]]]:
     from _gpu_checks import correctness_nflows, correctness_tarflow, maf_nflows, maf_zuko
-    from _gpu_starflow import starflow_part
+    from _gpu_starflow import fixture_part, starflow_part
     from _gpu_tarflow import CONFIGS, tarflow_part
 
     parts: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -96,6 +100,7 @@ def _parts() -> dict[str, Callable[[Context], dict[str, Any]]]:
     for cfg in CONFIGS:
         parts[cfg.part] = lambda ctx, cfg=cfg: tarflow_part(cfg, ctx)
     parts["starflow_t2i_3b"] = starflow_part
+    parts["starflow_fixture"] = fixture_part
     assert list(parts) == list(PART_LIMITS)
     return parts
 

@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 PARTS = ["correctness_tarflow", "correctness_nflows", "maf_nflows", "maf_zuko", "tarflow_img64_uncond",
-         "tarflow_img64_cond_cfg", "tarflow_afhq", "tarflow_afhq_cfg", "starflow_t2i_3b"]
+         "tarflow_img64_cond_cfg", "tarflow_afhq", "tarflow_afhq_cfg", "starflow_t2i_3b", "starflow_fixture"]
 STARFLOW_METHODS = ["serial", "public_jacobi_th0.001_bs16", "public_jacobi_th0.005_bs64", "jacobi_tol1e-4",
                     "gs4_tol1e-4", "jacobi_exact_cap16", "public_serial"]
 ENV_KEYS = {"device", "device_name", "date_utc", "torch", "python", "loadavg"}
@@ -137,6 +137,16 @@ def test_smoke_starflow_part(smoke):
     assert part["scope"] == "all blocks" and part["model"]["layers_per_block"] == [1, 1, 1, 1, 1, 2]
     assert part["precision"].startswith("float32") and "configs/starflow_3B_t2i_256x256.yaml" in part["model"]["where"]
     check_starflow(part, blocks=6)
+
+
+def test_smoke_starflow_fixture_part_times_newton_against_the_public_sampler(smoke):
+    out, _ = smoke
+    part = load(out / "starflow_fixture.json")
+    assert set(part["methods"]) == {"serial", "jacobi_tol1e-4", "newton_tol1e-3", "public_jacobi_th0.001_bs16",
+                                    "public_jacobi_th0.005_bs64"}
+    assert part["methods"]["newton_tol1e-3"]["calls_per_block"] == [1, 1, 1]  # smoke: one iteration per block
+    assert part["ratios"]["newton_tol1e-3_vs_public_jacobi_th0.005_bs64"] > 0
+    assert part["targets"]["th0.005_bs64"]["public_calls"] == part["methods"]["public_jacobi_th0.005_bs64"]["calls"]
 
 
 def suite_module():
