@@ -219,8 +219,8 @@ def _plan(args: argparse.Namespace, flow: Any, z: Any, cond: Any) -> int:
     metrics = flow_metrics(flow, z, cond, args.tol, traces=traces, show_progress=True)
     calibration = None
     if args.planner == "metric":
-        plan = MetricPlanner(segments=args.segments, tol=args.tol,
-                             shared_init=args.shared_init).plan_from_metrics(metrics)
+        planner = MetricPlanner(segments=args.segments, tol=args.tol, shared_init=args.shared_init)
+        plan = planner.no_costlier(planner.plan_from_metrics(metrics), flow, z, cond)
     else:
         calibration = CalibratedPlanner(tol=args.tol, max_error=args.max_error, seed=args.seed,
                                         min_speed=args.min_speed).calibrate(flow, z, cond, show_progress=True)

@@ -129,6 +129,19 @@ def test_metric_planner_gives_the_dominant_block_gs_segments_in_paper_notation()
     assert Plan.parse(str(plan), init=plan.default.init) == plan
 
 
+def test_a_metric_plan_that_can_only_be_slower_than_the_default_is_replaced_by_it_with_a_warning():
+    class Long(ProjectedBlock):
+        seq_len = 16
+
+    easy = dict(gain=0.2, scale_gain=0.01)
+    flow = Flow([Long(seed=1, **easy), Long(gain=6.0, seed=2), Long(seed=3, **easy)])
+    z = 0.1 * torch.randn(8, 16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    paper = MetricPlanner(segments=8, never_costlier=False).plan(flow, z)
+    assert set(paper.overrides) == {1}  # GS-Jacobi on the tough block: as many calls as Jacobi, more work
+    with pytest.warns(UserWarning, match="it can only be slower, so the default is returned"):
+        assert MetricPlanner(segments=8).plan(flow, z) == Plan(Jacobi())
+
+
 def test_metric_planner_picks_each_blocks_initial_guess_by_its_igm():
     metrics = [BlockMetrics(index=i, igm_noise=z, igm_zeros_first_exact=z0, crm=1.0,
                             iterations_mean=1.0, iterations_max=1)

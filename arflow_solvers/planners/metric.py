@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from .. import init as inits
 from ..flow import Flow
 from ..metrics import BlockMetrics, Norm, flow_metrics
 from ..plan import Plan
+from ..solve import solve
 from ..solvers import GSJacobi, Jacobi, Solver
 
 __all__ = ["select_tough", "MetricPlanner"]
@@ -64,6 +66,8 @@ class MetricPlanner:
         tol: tolerance of every solver.
         norm: matrix norm of the metrics.
         shared_init: one initial guess for every block instead of one per block.
+        never_costlier: return the default `Jacobi(tol)` instead of a plan that costs more
+            calls and work on the calibration batch (see `no_costlier`).
 
     References:
         Accelerate TarFlow Sampling with GS-Jacobi Iteration (Liu & Qin, 2025),
@@ -78,6 +82,7 @@ class MetricPlanner:
     tol: float = 1e-5
     norm: Norm = "spectral"
     shared_init: bool = False
+    never_costlier: bool = True
 
     def plan_from_metrics(self, metrics: Sequence[BlockMetrics]) -> Plan:
         """The plan for a flow whose per-block metrics are given."""
@@ -104,10 +109,31 @@ class MetricPlanner:
 
     def plan(self, flow: Flow | Any, z: Tensor, cond: Any = None,
              show_progress: bool = False) -> Plan:
-        """Measure the metrics on a calibration batch `z` and return the plan."""
-        return self.plan_from_metrics(
-            flow_metrics(flow, z, cond, self.tol, self.norm, show_progress=show_progress)
-        )
+        """Measure the metrics on a calibration batch `z` and return the plan (see `no_costlier`)."""
+        chosen = self.plan_from_metrics(flow_metrics(flow, z, cond, self.tol, self.norm, show_progress=show_progress))
+        return self.no_costlier(chosen, flow, z, cond)
+
+    def no_costlier(self, chosen: Plan, flow: Flow | Any, z: Tensor, cond: Any = None) -> Plan:
+        """`chosen`, or the default `Jacobi(tol)` with a warning if `chosen` costs more on `z` and never less.
+
+        Both are solved on the calibration batch: when the metric plan makes at least as many
+        network calls and at least as much work (full-pass equivalents) as the default, one
+        of them more, it can only be slower, whatever the hardware, so the default is
+        returned (`never_costlier=False`: the paper's plan regardless). With the same
+        tolerance, neither promises more than the other.
+        """
+        default = Plan(Jacobi(tol=self.tol))
+        if not self.never_costlier or chosen == default:
+            return chosen
+        ours, theirs = (solve(flow, z, plan, cond=cond, throw=False) for plan in (chosen, default))
+        costs, default_costs = (ours.passes, ours.work), (theirs.passes, theirs.work)
+        if costs != default_costs and all(a >= b for a, b in zip(costs, default_costs)):
+            warnings.warn(f"the metric plan {chosen} costs {ours.passes} network calls and {ours.work:.3g} full "
+                          f"passes of work on the calibration batch, the default {default} {theirs.passes} and "
+                          f"{theirs.work:.3g}: it can only be slower, so the default is returned "
+                          "(never_costlier=False keeps the metric plan)", stacklevel=3)
+            return default
+        return chosen
 
 
 def _better_guess(igm_noise: float, igm_zeros_first_exact: float) -> inits.Init:
