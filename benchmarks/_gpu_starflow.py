@@ -97,7 +97,7 @@ def _inputs(model: StarFlow, batch: int, seed: int, device: torch.device) -> dic
 
 
 def _public(model: StarFlow, z: torch.Tensor, text: torch.Tensor, sampler: Callable, deep_only: bool,
-            sync: Callable[[], None]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+            sync: Callable[[], None], guidance: float = GUIDANCE) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """A public sampler over the flow (or over the deep block's tokens): the output and per-block rows."""
     rows: list[dict[str, Any]] = []
 
@@ -112,8 +112,8 @@ def _public(model: StarFlow, z: torch.Tensor, text: torch.Tensor, sampler: Calla
 
     with torch.no_grad():
         if deep_only:
-            return solve_block(len(model.blocks) - 1, z, text, GUIDANCE)[0], rows
-        return _run(model, z, text, GUIDANCE, solve_block)[0], rows
+            return solve_block(len(model.blocks) - 1, z, text, guidance)[0], rows
+        return _run(model, z, text, guidance, solve_block)[0], rows
 
 
 def _public_samplers(model: StarFlow) -> dict[str, Callable]:
@@ -141,21 +141,23 @@ def _methods(model: StarFlow, data: dict[str, torch.Tensor], deep_only: bool,
             raise ValueError("the deep block alone is measured in the model's token order: it must not be flipped")
         z, target = model.patchify(data["z"]).flatten(1, 2), flow.blocks[0]
 
-    def ours(plan: Any) -> Callable[[], tuple]:
-        def run() -> tuple:
-            with torch.no_grad():
-                sol = solve(target, z, plan, cond=cond, throw=False)
-            return sol.x, block_rows(sol), sol
-        return run
-
     def public(sampler: Callable) -> Callable[[], tuple]:
         return lambda: (*_public(model, z, text, sampler, deep_only, sync), None)
 
-    fns = {**{k: ours(p) for k, p in _our_plans().items()},
+    fns = {**{k: _ours(target, z, cond, p) for k, p in _our_plans().items()},
            **{k: public(s) for k, s in _public_samplers(model).items()}}
     # our serial first (the reference), then the public Jacobi settings (the anchor), ours, the public serial loop
     first, last = ["serial", *(k for k in fns if k.startswith("public_jacobi"))], ["public_serial"]
     return {k: fns[k] for k in first + [k for k in fns if k not in first + last] + last}
+
+
+def _ours(target: Any, z: torch.Tensor, cond: Any, plan: Any) -> Callable[[], tuple]:
+    """Our solve of `target` as a method: `(output, per-block rows, solution)`."""
+    def run() -> tuple:
+        with torch.no_grad():
+            sol = solve(target, z, plan, cond=cond, throw=False)
+        return sol.x, block_rows(sol), sol
+    return run
 
 
 # ----------------------------------------------------------------------------- probe, scope, rounds
@@ -316,30 +318,11 @@ def fixture_part(ctx: Any) -> dict[str, Any]:
     newton = Newton(tol=1e-3, max_iters=1) if ctx.smoke else Newton(tol=1e-3)
     plans = {"serial": Serial(), "jacobi_tol1e-4": Jacobi(tol=1e-4), "newton_tol1e-3": newton}
 
-    def ours(plan: Any) -> Callable[[], tuple]:
-        def run() -> tuple:
-            with torch.no_grad():
-                sol = solve(flow, z, plan, cond=y, throw=False)
-            return sol.x, block_rows(sol), sol
-        return run
-
     def public(sampler: Callable) -> Callable[[], tuple]:
-        def run() -> tuple:
-            rows: list[dict[str, Any]] = []
+        return lambda: (*_public(model, z, y, sampler, False, ctx.sync, guidance=0.0), None)
 
-            def solve_block(index: int, x: torch.Tensor, text: Any, guidance: float) -> tuple:
-                x, calls, work = sampler(index, x, text, guidance)
-                rows.append({"block": len(rows), "calls": calls, "full_pass_equiv": round(work, 3)})
-                return x, calls, work
-
-            with torch.no_grad():
-                return _run(model, z, y, 0.0, solve_block)[0], rows, None
-        return run
-
-    samplers = {f"public_jacobi_th{th:g}_bs{bs}": (
-        lambda index, x, text, g, th=th, bs=bs: _jacobi_block(model, index, x, text, g, th, bs, MAX_ITER))
-        for th, bs in PUBLIC_SETTINGS}
-    fns = {**{k: ours(p) for k, p in plans.items()}, **{k: public(s) for k, s in samplers.items()}}
+    samplers = {k: v for k, v in _public_samplers(model).items() if k.startswith("public_jacobi")}
+    fns = {**{k: _ours(flow, z, y, p) for k, p in plans.items()}, **{k: public(s) for k, s in samplers.items()}}
     times, outputs = timed_rounds(fns, rounds=ctx.args.rounds, until=ctx.until, first_round_s=0.0, sync=ctx.sync,
                                   log=ctx.log)
     if not times["serial"]:
