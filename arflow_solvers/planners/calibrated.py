@@ -301,65 +301,80 @@ class CalibratedPlanner:
                 f"on every held-out sample serial sampling in {held.serial.dtype} is itself further than "
                 f"max_error={self.max_error:g} from float64, so no plan can keep the promise; the default plan "
                 "is returned; raise max_error, or sample in float64")
-
-        verdicts: dict[tuple[int, ...], tuple[Tensor, bool]] = {}
-        default = [1] * len(chosen)  # Jacobi(tol) on every block
-
-        def verdict(picks: list[int]) -> tuple[Tensor, bool]:
-            """The plan's held-out errors and whether it keeps the promise; each plan solved once."""
-            if tuple(picks) not in verdicts:
-                errors = held.errors(_as_plan([_simplest(o[c]) for o, c in zip(options, picks)]))
-                verdicts[tuple(picks)] = errors, largest_of(errors, self.promise_for) * self.tail_factor <= self.max_error
-            return verdicts[tuple(picks)]
-
-        def seconds_of(picks: list[int]) -> float:
-            return sum(c[i].expected_seconds for c, i in zip(all_candidates, picks))
-
-        def fast_enough(picks: list[int]) -> bool:
-            """Whether the plan's modelled speed is at least `min_speed` times the default's."""
-            return self.min_speed is None or seconds_of(picks) * self.min_speed <= seconds_of(default)
-
-        errors, kept = verdict(chosen)
-        if chosen != default and (not kept or seconds_of(default) <= seconds_of(chosen)):
-            default_errors, default_kept = verdict(default)
+        judge = _Judge(self, held, options, all_candidates)
+        errors, kept = judge.verdict(chosen)
+        default = judge.default
+        if chosen != default and (not kept or judge.seconds(default) <= judge.seconds(chosen)):
+            default_errors, default_kept = judge.verdict(default)
             if default_kept:
                 reason = "is modelled no slower than the calibrated one" if kept else "while the calibrated one did not"
                 return default, default_errors, True, (f"the default plan kept the promise and {reason}, so it "
                                                        "is returned")
-        if kept and fast_enough(chosen):
+        if kept and judge.fast_enough(chosen):
             return chosen, errors, True, ""
         missed = (f"the calibrated plan missed the promise on the held-out samples (estimated max "
                   f"{largest_of(errors, self.promise_for):.3g}, times {self.tail_factor:g}, > {self.max_error:g})"
                   if not kept else "the calibrated plan keeps the promise only slower than the default")
-        keeping = [(chosen, "the calibrated plan")] if kept else []
-        for tighter in _uniformly_tighter(options[0], self.tol):  # each slower than the one before
-            picks = [tighter] * len(chosen)
-            picked_errors, picked_kept = verdict(picks)
-            if picked_kept and fast_enough(picks):
-                return picks, picked_errors, True, f"{missed}, so {_simplest(options[0][tighter])} on every block is returned"
-            if picked_kept:
-                keeping.append((picks, f"{_simplest(options[0][tighter])} on every block"))
+        return self._fall_back(judge, [(chosen, "the calibrated plan")] if kept else [], missed)
+
+    def _fall_back(self, judge: _Judge, keeping: list[tuple[list[int], str]],
+                   missed: str) -> tuple[list[int], Tensor, bool, str]:
+        """A uniformly tighter Jacobi, else the exact plan, if fast enough; else the default, saying why."""
+        for tighter in _uniformly_tighter(judge.options[0], self.tol):  # each slower than the one before
+            picks, name = [tighter] * len(judge.default), f"{_simplest(judge.options[0][tighter])} on every block"
+            errors, kept = judge.verdict(picks)
+            if kept and judge.fast_enough(picks):
+                return picks, errors, True, f"{missed}, so {name} is returned"
+            if kept:
+                keeping.append((picks, name))
                 break
-        exact = [_cheapest(candidates, 0.0) for candidates in all_candidates]  # may be fast: cached serial
-        if fast_enough(exact) or not keeping:
-            exact_errors, exact_kept = verdict(exact)
-            if exact_kept and fast_enough(exact):
-                return exact, exact_errors, True, f"{missed}, so the exact plan is returned"
-            if exact_kept:
+        exact = [_cheapest(candidates, 0.0) for candidates in judge.all_candidates]  # may be fast: cached serial
+        if judge.fast_enough(exact) or not keeping:
+            errors, kept = judge.verdict(exact)
+            if kept and judge.fast_enough(exact):
+                return exact, errors, True, f"{missed}, so the exact plan is returned"
+            if kept:
                 keeping.append((exact, "the exact plan"))
+        default_errors = judge.verdict(judge.default)[0]
         if keeping:
-            picks, name = min(keeping, key=lambda plan: seconds_of(plan[0]))
-            return default, verdict(default)[0], False, (
+            picks, name = min(keeping, key=lambda plan: judge.seconds(plan[0]))
+            return judge.default, default_errors, False, (
                 f"no plan modelled at least {self.min_speed:g}x as fast as the default keeps max_error="
                 f"{self.max_error:g} over {self.promise_for} samples: {name} does (estimated max "
-                f"{largest_of(verdict(picks)[0], self.promise_for):.3g}) at {seconds_of(default) / seconds_of(picks):.3g}x "
-                "the default's modelled speed; the default plan is returned, which may err more; pass "
-                "min_speed=None to be given the slower plan")
-        return default, verdict(default)[0], False, (
+                f"{largest_of(judge.verdict(picks)[0], self.promise_for):.3g}) at "
+                f"{judge.seconds(judge.default) / judge.seconds(picks):.3g}x the default's modelled speed; the "
+                "default plan is returned, which may err more; pass min_speed=None to be given the slower plan")
+        return judge.default, default_errors, False, (
             f"no plan keeps max_error={self.max_error:g} over {self.promise_for} samples on this flow: even the "
-            f"exact plan's estimated max error is {largest_of(verdict(exact)[0], self.promise_for):.3g} (rounding in "
-            f"{held.serial.dtype} amplified by ill-conditioned samples), so the default plan is returned; "
-            "raise max_error, or sample in float64")
+            f"exact plan's estimated max error is {largest_of(judge.verdict(exact)[0], self.promise_for):.3g} "
+            f"(rounding in {judge.held.serial.dtype} amplified by ill-conditioned samples), so the default plan is "
+            "returned; raise max_error, or sample in float64")
+
+
+class _Judge:
+    """Per-block picks judged on the held-out samples (each plan solved once) and priced by the cost model."""
+
+    def __init__(self, planner: CalibratedPlanner, held: HeldOut, options: list, all_candidates: list):
+        self.planner, self.held, self.options, self.all_candidates = planner, held, options, all_candidates
+        self.default = [1] * len(options)  # Jacobi(tol) on every block
+        self._verdicts: dict[tuple[int, ...], tuple[Tensor, bool]] = {}
+
+    def verdict(self, picks: list[int]) -> tuple[Tensor, bool]:
+        """The plan's held-out errors and whether it keeps the promise."""
+        if tuple(picks) not in self._verdicts:
+            p = self.planner
+            errors = self.held.errors(_as_plan([_simplest(o[c]) for o, c in zip(self.options, picks)]))
+            self._verdicts[tuple(picks)] = errors, largest_of(errors, p.promise_for) * p.tail_factor <= p.max_error
+        return self._verdicts[tuple(picks)]
+
+    def seconds(self, picks: list[int]) -> float:
+        """The plan's modelled wall time."""
+        return sum(c[i].expected_seconds for c, i in zip(self.all_candidates, picks))
+
+    def fast_enough(self, picks: list[int]) -> bool:
+        """Whether the plan's modelled speed is at least `min_speed` times the default's."""
+        speed = self.planner.min_speed
+        return speed is None or self.seconds(picks) * speed <= self.seconds(self.default)
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
