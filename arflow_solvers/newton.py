@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from ._evaluate import Evaluator, select_rows
-from ._sweep import NotCausalError
+from ._sweep import NotCausalError, _residuals
 from .adjoint import update
+from .divergence import Watch
 from .solution import BlockStats, Status
 from .solvers import _Iterating, Serial, _block_stats, _sync, check_optional_count, initial_guess
 
@@ -106,11 +107,10 @@ class Newton(_Iterating):
         ev = Evaluator(block, z, cond, None)
         x = initial_guess(self.init, ev, z, cond)
         rule = self.stopping_rule()
-        iterations = torch.zeros(batch, dtype=torch.long)
-        status = torch.zeros(batch, dtype=torch.long)
-        history: list[Tensor] = []
-        previous = torch.full((batch,), torch.inf, dtype=z.dtype, device=z.device)
-        growing = torch.zeros(batch, dtype=torch.long, device=z.device)
+        iterations = torch.zeros(batch, dtype=torch.long, device=z.device)
+        status = torch.zeros(batch, dtype=torch.long, device=z.device)
+        history: list[tuple[Tensor, Tensor]] = []
+        watch = Watch(batch, self.patience, z)
         active = torch.arange(batch, device=z.device)
         cap = seq_len if self.max_iters is None else self.max_iters
         for _ in range(cap):
@@ -118,23 +118,18 @@ class Newton(_Iterating):
                 break
             step = self._step(ev, x[active], z[active], select_rows(cond, active, batch))
             x[active] += step
-            change = rule.distance(step, torch.zeros_like(step))
-            residual = torch.full((batch,), torch.nan, dtype=z.dtype)
-            residual[active.cpu()] = change.cpu()
-            history.append(residual)
-            iterations[active.cpu()] += 1
-            growing[active] = torch.where(change > previous[active], growing[active] + 1, 0)
-            previous[active] = change
-            failed = ~torch.isfinite(change) | (growing[active] >= self.patience)
+            change = rule.size(step)
+            history.append((active, change))
+            iterations[active] += 1
+            failed = watch.diverging(active, change)
             done = rule.met(change, x[active]) | failed
             if failed.any():
-                x, status = self._fall_back(block, z, cond, x, active[failed], status, ev)
+                self._fall_back(block, z, cond, x, active[failed], status, ev)
             active = active[~done]
         if active.numel() and self.max_iters is not None:  # at the bound T the answer is serial's
-            status[active.cpu()] = Status.MAX_ITERS
-        residuals = (torch.stack(history) if history else torch.zeros(0, batch, dtype=z.dtype),)
+            status[active] = Status.MAX_ITERS
         stats = _block_stats(self, index, ev, x, began, bounds=((0, seq_len),), iterations=iterations[:, None],
-                             residuals=residuals, status=status)
+                             residuals=(_residuals(history, batch, x),), status=status)
         return x, stats
 
     def _step(self, ev: Evaluator, x: Tensor, z: Tensor, cond: Any) -> Tensor:
@@ -164,13 +159,11 @@ class Newton(_Iterating):
         return step.reshape(x.shape)
 
     def _fall_back(self, block: Any, z: Tensor, cond: Any, x: Tensor, samples: Tensor, status: Tensor,
-                   ev: Evaluator) -> tuple[Tensor, Tensor]:
-        """Samples `samples` solved by `Serial()` instead; their calls are added to `ev`'s count."""
-        rows = select_rows(cond, samples, z.shape[0])
-        x[samples], stats = Serial().solve(block, z[samples], rows)
+                   ev: Evaluator) -> None:
+        """Samples `samples` solved by `Serial()` instead, in `x` and `status`; their calls added to `ev`'s count."""
+        x[samples], stats = Serial().solve(block, z[samples], select_rows(cond, samples, z.shape[0]))
         ev.record(stats.passes, stats.work * samples.numel() / z.shape[0])
-        status[samples.cpu()] = Status.FELL_BACK
-        return x, status
+        status[samples] = Status.FELL_BACK
 
 
 def _check_causal(jacobian: Tensor, block: Any, seq_len: int) -> None:

@@ -76,8 +76,12 @@ class StoppingRule:
             return update.abs_().amax(dim=(1, 2))
         return _rms(update)
 
+    def size(self, values: Tensor) -> Tensor:
+        """`(B,)` norm of each sample's `values` (`(B, rows, D)`), e.g. of an update already formed."""
+        return _NORMS[self.norm](values)
+
     def met(self, distance: Tensor, new: Tensor) -> Tensor:
         """`(B,)` bool: whether each sample's update `distance` meets the rule at iterate `new`."""
         if self.rtol == 0:  # exact mode: no need to measure the iterate
             return distance <= self.atol
-        return distance <= self.atol + self.rtol * _NORMS[self.norm](new)
+        return distance <= self.atol + self.rtol * self.size(new)
