@@ -36,6 +36,9 @@ from arflow_solvers.planners._validation import largest_of, per_sample_errors
 
 __all__ = ["main", "evaluate"]
 
+MIN_SPEEDS = {"calibrated": 0.95, "calibrated_any_speed": None}
+"""The calibrated planners compared: the default (never slower than the default plan) and any speed."""
+
 
 def _timed(run: Any) -> tuple[float, Any]:
     began = time.perf_counter()
@@ -65,7 +68,7 @@ def evaluate(name: str, flow: Any, calibration: tuple[torch.Tensor, Any], fresh:
     default = Jacobi(tol=args.tol)
     calibrations = {name: CalibratedPlanner(tol=args.tol, max_error=args.max_error, seed=args.seed,
                                             promise_for=z.shape[0], min_speed=speed).calibrate(flow, z_cal, cond_cal)
-                    for name, speed in (("calibrated", 0.95), ("calibrated_any_speed", None))}
+                    for name, speed in MIN_SPEEDS.items()}
     plans = {"default": Plan(default), **{name: c.plan for name, c in calibrations.items()},
              "metric": MetricPlanner(tol=args.tol).plan(flow, z_cal, cond_cal)}
     truth = Serial() if args.reference == "serial" else Jacobi(tol=0.0)
@@ -88,7 +91,7 @@ def evaluate(name: str, flow: Any, calibration: tuple[torch.Tensor, Any], fresh:
         }
     for name, calibrated in calibrations.items():
         held = rows[name]["fresh_error_judged"] <= args.max_error
-        rows[name].update(promised_max_error=args.max_error, min_speed=0.95 if name == "calibrated" else None,
+        rows[name].update(promised_max_error=args.max_error, min_speed=MIN_SPEEDS[name],
                           promised=calibrated.promised, validated_error=calibrated.validated_error,
                           validation_samples=calibrated.validation_samples, note=calibrated.note,
                           calibration_floor=calibrated.floor, excluded=calibrated.excluded,
