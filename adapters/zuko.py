@@ -57,6 +57,7 @@ except ImportError as error:  # pragma: no cover - exercised only without zuko
 
 from ._masked import (AddPopped, Masked, MaskedAffineBlock, MaskedARBlock, MaskedNetwork, Push,
                       check_sampleable, pointwise, sampling_steps)
+from ._masked.linearise import TailPartials
 
 __all__ = ["ZukoARBlock", "ZukoAffineBlock", "ZukoStep", "ar_block", "inverse", "rsample", "rsample_and_log_prob",
            "sample", "wrap"]
@@ -155,16 +156,40 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
 
     shift_scale = (0, 1)  # zuko's MonotonicAffineTransform(shift, scale)
     _in_place: bool | None = False  # in a snapshot: None until its first sweep compared both ways
-    _slope: float | None = None
+
+    def __init__(self, transform: MaskedAutoregressiveTransform, **options: Any):
+        super().__init__(transform, **options)
+        self._slope = _slope(transform.univariate)  # None: built some other way, zuko's own code only
 
     def univariate_affine(self, params: Tensor) -> tuple[Tensor, Tensor]:
         univariate = self._univariate(params)
         return -univariate.shift / univariate.scale, -univariate.log_scale
 
+    def univariate_partials(self, params: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
+        r"""The partials of $x = (z - b) e^{-a}$, $a = s / (1 + |s / \log \mathrm{slope}|)$, in closed form.
+
+        $\partial x/\partial z = e^{-a}$, $\partial x/\partial b = -e^{-a}$,
+        $\partial x/\partial s = -x\, a'(s)$ with $a'(s) = (1 + |s / \log \mathrm{slope}|)^{-2}$;
+        the log-determinant $-\sum a$ has $-a'(s)$. `None` for an affine transform whose
+        `slope` is not known (autograd reads its partials).
+        """
+        if self._slope is None:
+            return None
+        shift, scale = params.unflatten(-1, (-1, 2)).unbind(-1)
+        softness = 1 + (scale / math.log(self._slope)).abs()
+        log_scale = scale / softness
+        dz = torch.exp(-log_scale)
+        slope = softness.square().reciprocal()  # a'(s)
+        new = (z - shift) * dz
+        partials = TailPartials(torch.stack([-dz, -new * slope], -1).flatten(1), dz)
+        if with_log_det:
+            partials.log_det = -log_scale.sum(1)
+            partials.dl_dp = torch.stack([torch.zeros_like(slope), -slope], -1).flatten(1)
+        return partials
+
     def snapshot(self) -> "ZukoAffineBlock":
         solving = super().snapshot()
-        solving._slope = _slope(self.transform.univariate) if solving is not self else None
-        solving._in_place = None if solving._slope is not None else False
+        solving._in_place = None if solving is not self and solving._slope is not None else False
         return solving
 
     def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:

@@ -98,3 +98,30 @@ def test_a_univariate_that_is_not_elementwise_is_differentiated_by_autograd():
     with torch.enable_grad():
         assert block.linearise(x, z, None, False) is None
     assert ELEMENTWISE[transform] is False
+
+
+@settings(max_examples=10, deadline=None)
+@given(features=st.integers(2, 6), slope=st.sampled_from([1e-3, 1e-2, 0.5]), with_log_det=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_closed_form_partials_equal_autograds(features, slope, with_log_det, seed):
+    """An adapter's `univariate_partials` (zuko's affine) is autograd's partials of its own inverse."""
+    import functools
+
+    from arflow_solvers.adapters._masked.linearise import autograd_partials
+
+    torch.manual_seed(seed)
+    univariate = functools.partial(zuko.transforms.MonotonicAffineTransform, slope=slope)
+    transform = zuko.flows.MaskedAutoregressiveTransform(features, univariate=univariate,
+                                                         hidden_features=(8,)).to(F64)
+    block = ar_block(transform)
+    params = 3 * torch.randn(5, 2 * features, dtype=F64)
+    z, x = torch.randn(2, 5, features, dtype=F64)
+    spread = Spread(block.network.param_rows, params.shape[1])
+
+    def tail(p, z, x):
+        return block.univariate_inverse_and_log_det(p, z, x) if with_log_det else (block.univariate_inverse(p, z), None)
+
+    ours = block.univariate_partials(params, z, x, with_log_det)
+    reference = autograd_partials(tail, params, z, x, with_log_det, spread)
+    for name in ("du_dp", "du_dz", "log_det", "dl_dp", "dl_dz", "dl_dx"):
+        assert_same(getattr(ours, name), getattr(reference, name))

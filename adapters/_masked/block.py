@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .linearise import NotElementwiseError, Spread, TailLinearisation
+from .linearise import NotElementwiseError, Spread, TailLinearisation, TailPartials, autograd_partials
 from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
@@ -264,31 +264,49 @@ class MaskedARBlock:
         new, log_det = self.univariate_inverse_and_log_det(params, library_z, self._to_library(flat_x))
         return self._to_order(new).reshape(x.shape), log_det
 
+    def univariate_partials(self, params: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
+        """The elementwise inverse's partial derivatives at `params` in closed form (library layout).
+
+        `None` (the default): they are read by autograd. An adapter that knows them overrides
+        this; `tests/test_linearise.py` holds every such override to autograd's partials.
+        """
+        return None
+
     def linearise(self, x: Tensor, z: Tensor, cond: Any = None, with_log_det: bool = False) -> Any:
         """This block linearised at `x` for the implicit adjoint, its univariate tail differentiated once.
 
         `None` (autograd through every call) for a network the adapter could not read, or a
         univariate found not to be elementwise: the first linearisation of each transform
-        checks that with one random pull.
+        whose partials come from autograd checks that with one random pull.
         """
         if self.network is None or ELEMENTWISE.get(self.transform) is False:
             return None
         params = self._network_output(_flat(x, self.seq_len, "x"), cond)
         spread = Spread(self.network.param_rows.to(params.device), params.shape[1])
+        library_z = self._to_library(_flat(z, self.seq_len, "z").detach())
+        library_x = self._to_library(_flat(x, self.seq_len, "x").detach())
+        partials = self.univariate_partials(params.detach(), library_z, library_x, with_log_det)
+        if partials is None:
+            partials = self._autograd_partials(params, library_z, library_x, with_log_det, spread)
+            if partials is None:
+                return None
+        return TailLinearisation(x, params, partials, z, self._to_library, self._to_order, spread)
 
-        def tail(p: Tensor, library_z: Tensor, library_x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _autograd_partials(self, params: Tensor, library_z: Tensor, library_x: Tensor, with_log_det: bool,
+                           spread: Spread) -> TailPartials | None:
+        def tail(p: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
             if not with_log_det:
-                return self.univariate_inverse(p, library_z), None
-            return self.univariate_inverse_and_log_det(p, library_z, library_x)
+                return self.univariate_inverse(p, z), None
+            return self.univariate_inverse_and_log_det(p, z, x)
 
         check = self.transform not in ELEMENTWISE
         try:
-            at = TailLinearisation(x, params, tail, z, self._to_library, self._to_order, spread, with_log_det, check)
+            partials = autograd_partials(tail, params, library_z, library_x, with_log_det, spread, check)
         except NotElementwiseError:
             ELEMENTWISE[self.transform] = False
             return None
         ELEMENTWISE[self.transform] = True
-        return at
+        return partials
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""

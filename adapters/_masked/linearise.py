@@ -8,18 +8,20 @@ autograd, each iteration would differentiate the univariate tail again (a dozen 
 kernels for zuko's affine transform, a split's concatenation, more for splines). Here the
 tail's partial derivatives $\partial u/\partial p$, $\partial u/\partial z$ (and those of the
 log-determinant) are read once, by one backward pass with unit seeds (exact because each
-output reads a disjoint set of inputs), and every iteration is one multiply and one
-backward pass through the network alone.
+output reads a disjoint set of inputs) or in closed form where the adapter knows them
+(`univariate_partials`), and every iteration is one multiply and one backward pass through
+the network alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["TailLinearisation", "Spread", "NotElementwiseError"]
+__all__ = ["TailLinearisation", "TailPartials", "Spread", "NotElementwiseError", "autograd_partials"]
 
 
 class NotElementwiseError(ValueError):
@@ -68,58 +70,81 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(0)
 
 
+@dataclass
+class TailPartials:
+    """A univariate tail at one point: its log-determinant and per-element partial derivatives.
+
+    All in library order: `du_dp` and `dl_dp` are `(B, out)` in the network's layout, the
+    others `(B, F)`; `None` where the tail does not read that input (or no log-determinant
+    was asked for).
+    """
+
+    du_dp: Tensor
+    du_dz: Tensor | None
+    log_det: Tensor | None = None
+    dl_dp: Tensor | None = None
+    dl_dz: Tensor | None = None
+    dl_dx: Tensor | None = None
+
+
+def autograd_partials(tail: Any, params: Tensor, library_z: Tensor, library_x: Tensor, with_log_det: bool,
+                      spread: "Spread", check: bool = False) -> TailPartials:
+    """The partials of `tail(p, z, x) -> (new, log_det)` by backward passes with unit seeds.
+
+    Unit seeds read every partial only if each output feature reads its own parameters and
+    noise alone; `check` verifies that with one random pull and raises `NotElementwiseError`.
+    """
+    p = params.detach().requires_grad_(True)
+    library_z = library_z.detach().requires_grad_(True)
+    library_x = library_x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        new, log_det = tail(p, library_z, library_x)
+        du_dp, du_dz = _partials(new, [p, library_z])
+        partials = TailPartials(torch.zeros_like(p) if du_dp is None else du_dp, du_dz)
+        if check:
+            _check_elementwise(new, p, library_z, partials, spread)
+        if with_log_det:
+            partials.log_det = log_det.detach()
+            partials.dl_dp, partials.dl_dz, partials.dl_dx = _partials(log_det, [p, library_z, library_x])
+    return partials
+
+
+def _check_elementwise(new: Tensor, p: Tensor, library_z: Tensor, partials: TailPartials, spread: "Spread") -> None:
+    """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull."""
+    seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
+    on_p, on_z = torch.autograd.grad(new, [p, library_z], seed, retain_graph=True, allow_unused=True)
+    tol = 1e3 * torch.finfo(new.dtype).eps
+    pulls = [(on_p, spread(seed, partials.du_dp))]
+    if partials.du_dz is not None:
+        pulls.append((on_z, seed * partials.du_dz))
+    for got, expected in pulls:
+        if got is None or not got.numel():
+            continue
+        if not bool(torch.isfinite(got).all()) or float((got - expected).abs().max()) > tol * (1 + float(expected.abs().max())):
+            raise NotElementwiseError("the univariate transform is not elementwise (an output feature reads "
+                                      "another feature's parameters or noise)")
+
+
 class TailLinearisation:
     """The network's graph at `x` and the univariate tail's partial derivatives there.
 
     Arguments:
         x: the `(B, T, 1)` leaf the network's output was computed from.
         params: the network's `(B, out)` output, with its graph to `x`, context and weights.
-        tail: `(p, z, x) -> (new, log_det)`, all in library order (`(B, F)`; `p` in the
-            network's layout), `new` `(B, F)` and `log_det` `(B,)` or `None`.
+        partials: the tail's partial derivatives at `params` (library order).
         z: the `(B, T, 1)` noise leaf.
         to_library: our order to library order, `(B, F) -> (B, F)`, and `to_order` back.
         spread: see [`Spread`][arflow_solvers.adapters._masked.linearise.Spread].
-        with_log_det: whether the tail's log-determinant is wanted.
     """
 
-    def __init__(self, x: Tensor, params: Tensor, tail: Any, z: Tensor, to_library: Any, to_order: Any,
-                 spread: Spread, with_log_det: bool, check: bool = False):
+    def __init__(self, x: Tensor, params: Tensor, partials: TailPartials, z: Tensor, to_library: Any,
+                 to_order: Any, spread: Spread):
         self.x, self.params, self.z, self.spread = x, params, z, spread
         self.to_library, self.to_order = to_library, to_order
-        batch = x.shape[0]
-        p = params.detach().requires_grad_(True)
-        library_z = to_library(z.detach().reshape(batch, -1)).requires_grad_(True)
-        library_x = to_library(x.detach().reshape(batch, -1)).requires_grad_(True)
-        with torch.enable_grad():
-            new, log_det = tail(p, library_z, library_x)
-            du_dp, self.du_dz = _partials(new, [p, library_z])
-            self.du_dp = torch.zeros_like(p) if du_dp is None else du_dp
-            if check:
-                self._check_elementwise(new, p, library_z)
-            self.dl_dp = self.dl_dz = self.dl_dx = None
-            if with_log_det:
-                self.dl_dp, self.dl_dz, self.dl_dx = _partials(log_det, [p, library_z, library_x])
-        self.log_det = log_det.detach() if with_log_det else None
+        self.du_dp, self.du_dz = partials.du_dp, partials.du_dz
+        self.dl_dp, self.dl_dz, self.dl_dx = partials.dl_dp, partials.dl_dz, partials.dl_dx
+        self.log_det = partials.log_det
         self._constant: tuple[Tensor, Tensor | None, Tensor | None] | None = None
-
-    def _check_elementwise(self, new: Tensor, p: Tensor, library_z: Tensor) -> None:
-        """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull.
-
-        Unit seeds read every partial derivative only if each output feature reads its own
-        parameters and noise alone; a random seed pulls the same through both only then.
-        """
-        seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
-        on_p, on_z = torch.autograd.grad(new, [p, library_z], seed, retain_graph=True, allow_unused=True)
-        tol = 1e3 * torch.finfo(new.dtype).eps
-        pulls = [(on_p, self.spread(seed, self.du_dp))]
-        if self.du_dz is not None:
-            pulls.append((on_z, seed * self.du_dz))
-        for got, expected in pulls:
-            if got is None or not got.numel():
-                continue
-            if not bool(torch.isfinite(got).all()) or float((got - expected).abs().max()) > tol * (1 + float(expected.abs().max())):
-                raise NotElementwiseError("the univariate transform is not elementwise (an output feature reads "
-                                          "another feature's parameters or noise)")
 
     def _log_det_pull(self, g_log_det: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The log-determinant's constant pull on the parameters and, explicitly, on `x` (our order)."""
