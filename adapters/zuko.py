@@ -165,7 +165,7 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
         univariate = self._univariate(params)
         return -univariate.shift / univariate.scale, -univariate.log_scale
 
-    def univariate_partials(self, params: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
+    def univariate_partials(self, grouped: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
         r"""The partials of $x = (z - b) e^{-a}$, $a = s / (1 + |s / \log \mathrm{slope}|)$, in closed form.
 
         $\partial x/\partial z = e^{-a}$, $\partial x/\partial b = -e^{-a}$,
@@ -175,16 +175,16 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
         """
         if self._slope is None:
             return None
-        shift, scale = params.unflatten(-1, (-1, 2)).unbind(-1)
+        shift, scale = grouped.unbind(1)
         softness = 1 + (scale / math.log(self._slope)).abs()
         log_scale = scale / softness
         dz = torch.exp(-log_scale)
         slope = softness.square().reciprocal()  # a'(s)
         new = (z - shift) * dz
-        partials = TailPartials(torch.stack([-dz, -new * slope], -1).flatten(1), dz)
+        partials = TailPartials(torch.stack([-dz, -new * slope], 1), dz)
         if with_log_det:
             partials.log_det = -log_scale.sum(1)
-            partials.dl_dp = torch.stack([torch.zeros_like(slope), -slope], -1).flatten(1)
+            partials.dl_dp = torch.stack([torch.zeros_like(slope), -slope], 1)
         return partials
 
     def snapshot(self) -> "ZukoAffineBlock":

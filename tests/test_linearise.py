@@ -6,12 +6,10 @@ tests hold it to the autograd linearisation of the same block, for every pull th
 makes, in float64.
 """
 
-import pytest
 import torch
 import zuko
 from hypothesis import given, settings, strategies as st
 
-from arflow_solvers.adapters._masked.linearise import Spread
 from arflow_solvers.adapters.zuko import ar_block
 from arflow_solvers.adjoint import AutogradLinearisation, update_and_log_det
 
@@ -66,23 +64,6 @@ def assert_same(got, expected):
     assert (got - expected).abs().max() <= 1e-10 * (1 + expected.abs().max())
 
 
-@pytest.mark.parametrize("layout", ["per feature", "per parameter", "scattered"])
-def test_spread_gives_each_output_its_features_value(layout):
-    features, count = 4, 3
-    rows = {"per feature": torch.arange(12).view(features, count),
-            "per parameter": torch.arange(12).view(count, features).T,
-            "scattered": torch.randperm(12, generator=torch.Generator().manual_seed(0)).view(features, count)}[layout]
-    per_feature = torch.randn(2, features)
-    per_output = torch.randn(2, 12)
-    owner = torch.empty(12, dtype=torch.long)
-    owner[rows] = torch.arange(features).unsqueeze(1).expand_as(rows)
-    spread = Spread(rows, 12)
-    assert torch.equal(spread(per_feature, per_output), per_feature[:, owner] * per_output)
-    plus = torch.randn(2, 12)
-    assert torch.allclose(spread(per_feature, per_output, plus), per_feature[:, owner] * per_output + plus,
-                          rtol=1e-6, atol=1e-6)
-
-
 def test_a_univariate_that_is_not_elementwise_is_differentiated_by_autograd():
     from arflow_solvers.adapters._masked.block import ELEMENTWISE
     from arflow_solvers.adapters.zuko import ZukoARBlock
@@ -114,14 +95,15 @@ def test_closed_form_partials_equal_autograds(features, slope, with_log_det, see
     transform = zuko.flows.MaskedAutoregressiveTransform(features, univariate=univariate,
                                                          hidden_features=(8,)).to(F64)
     block = ar_block(transform)
-    params = 3 * torch.randn(5, 2 * features, dtype=F64)
+    grouped = 3 * torch.randn(5, 2, features, dtype=F64)  # (B, P, F): shift and raw scale
     z, x = torch.randn(2, 5, features, dtype=F64)
-    spread = Spread(block.network.param_rows, params.shape[1])
+    rows = block.network.param_rows.T.reshape(-1)
 
     def tail(p, z, x):
-        return block.univariate_inverse_and_log_det(p, z, x) if with_log_det else (block.univariate_inverse(p, z), None)
+        params = p.flatten(1)[:, torch.argsort(rows)]  # the library's layout
+        return block.univariate_inverse_and_log_det(params, z, x) if with_log_det else (block.univariate_inverse(params, z), None)
 
-    ours = block.univariate_partials(params, z, x, with_log_det)
-    reference = autograd_partials(tail, params, z, x, with_log_det, spread)
+    ours = block.univariate_partials(grouped, z, x, with_log_det)
+    reference = autograd_partials(tail, grouped, z, x, with_log_det)
     for name in ("du_dp", "du_dz", "log_det", "dl_dp", "dl_dz", "dl_dx"):
         assert_same(getattr(ours, name), getattr(reference, name))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .linearise import NotElementwiseError, Spread, TailLinearisation, TailPartials, autograd_partials
+from .linearise import NotElementwiseError, TailLinearisation, TailPartials, autograd_partials
 from .network import Analysis, MaskedNetwork, analyse, take_columns
 from .program import DenseProgram, PackedProgram, products
 from .weights import WeightCache, masks
@@ -264,11 +264,13 @@ class MaskedARBlock:
         new, log_det = self.univariate_inverse_and_log_det(params, library_z, self._to_library(flat_x))
         return self._to_order(new).reshape(x.shape), log_det
 
-    def univariate_partials(self, params: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
-        """The elementwise inverse's partial derivatives at `params` in closed form (library layout).
+    def univariate_partials(self, grouped: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
+        """The elementwise inverse's partial derivatives in closed form, or `None` (autograd reads them).
 
-        `None` (the default): they are read by autograd. An adapter that knows them overrides
-        this; `tests/test_linearise.py` holds every such override to autograd's partials.
+        `grouped` is the network's output grouped by parameter, `(B, P, F)` (`[:, k, i]`:
+        parameter `k` of feature `i`, `param_rows[i, k]` in the library's layout); `z` and
+        `x` are `(B, F)`, library order. An adapter that knows the partials overrides this;
+        `tests/test_linearise.py` holds every such override to autograd's.
         """
         return None
 
@@ -281,27 +283,32 @@ class MaskedARBlock:
         """
         if self.network is None or ELEMENTWISE.get(self.transform) is False:
             return None
-        params = self._network_output(_flat(x, self.seq_len, "x"), cond)
-        spread = Spread(self.network.param_rows.to(params.device), params.shape[1])
+        flat_x = _flat(x, self.seq_len, "x")
+        rows = self.network.param_rows.to(flat_x.device).T.reshape(-1)  # grouped by parameter
+        program = DenseProgram(self.network, ANALYSES(self.transform, self.network, self.name))
+        grouped = program(flat_x, self._bind(cond, x.shape[0]), rows=rows).unflatten(1, (-1, self.seq_len))
         library_z = self._to_library(_flat(z, self.seq_len, "z").detach())
-        library_x = self._to_library(_flat(x, self.seq_len, "x").detach())
-        partials = self.univariate_partials(params.detach(), library_z, library_x, with_log_det)
+        library_x = self._to_library(flat_x.detach())
+        partials = self.univariate_partials(grouped.detach(), library_z, library_x, with_log_det)
         if partials is None:
-            partials = self._autograd_partials(params, library_z, library_x, with_log_det, spread)
+            partials = self._autograd_partials(grouped, rows, library_z, library_x, with_log_det)
             if partials is None:
                 return None
-        return TailLinearisation(x, params, partials, z, self._to_library, self._to_order, spread)
+        return TailLinearisation(x, grouped, partials, z, self._to_library, self._to_order)
 
-    def _autograd_partials(self, params: Tensor, library_z: Tensor, library_x: Tensor, with_log_det: bool,
-                           spread: Spread) -> TailPartials | None:
+    def _autograd_partials(self, grouped: Tensor, rows: Tensor, library_z: Tensor, library_x: Tensor,
+                           with_log_det: bool) -> TailPartials | None:
+        width = self.network.final.weight.shape[0]
+
         def tail(p: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            params = p.new_zeros(p.shape[0], width).index_copy(1, rows, p.flatten(1))  # the library's layout
             if not with_log_det:
-                return self.univariate_inverse(p, z), None
-            return self.univariate_inverse_and_log_det(p, z, x)
+                return self.univariate_inverse(params, z), None
+            return self.univariate_inverse_and_log_det(params, z, x)
 
         check = self.transform not in ELEMENTWISE
         try:
-            partials = autograd_partials(tail, params, library_z, library_x, with_log_det, spread, check)
+            partials = autograd_partials(tail, grouped, library_z, library_x, with_log_det, check)
         except NotElementwiseError:
             ELEMENTWISE[self.transform] = False
             return None

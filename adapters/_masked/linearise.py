@@ -10,7 +10,9 @@ tail's partial derivatives $\partial u/\partial p$, $\partial u/\partial z$ (and
 log-determinant) are read once, by one backward pass with unit seeds (exact because each
 output reads a disjoint set of inputs) or in closed form where the adapter knows them
 (`univariate_partials`), and every iteration is one multiply and one backward pass through
-the network alone.
+the network alone. The network is evaluated for this with its final rows grouped by
+parameter, `(B, P, F)`, so that multiply broadcasts each feature's adjoint over contiguous
+rows instead of over an innermost axis of length `P` (several times slower on CPU).
 """
 
 from __future__ import annotations
@@ -21,44 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TailLinearisation", "TailPartials", "Spread", "NotElementwiseError", "autograd_partials"]
+__all__ = ["TailLinearisation", "TailPartials", "NotElementwiseError", "autograd_partials"]
 
 
 class NotElementwiseError(ValueError):
     """A univariate tail's output read parameters or noise of other features: it is not elementwise."""
-
-
-class Spread:
-    """Per-feature values (library order) times the network outputs of each feature, `(B, F), (B, out) -> (B, out)`.
-
-    Outputs grouped per feature (`param_rows = arange(F * P).view(F, P)`, zuko and nflows) or
-    per parameter (`arange(F * P).view(P, F).T`, pyro) broadcast without a gather; any other
-    layout gathers by each output's owner.
-    """
-
-    def __init__(self, param_rows: Tensor, out_features: int):
-        features, count = param_rows.shape
-        arange = torch.arange(features * count, device=param_rows.device)
-        self.shape: tuple[int, ...] | None = None
-        self.owners: Tensor | None = None
-        if out_features == features * count and torch.equal(param_rows, arange.view(features, count)):
-            self.shape, self.dim = (features, count), 2
-        elif out_features == features * count and torch.equal(param_rows, arange.view(count, features).T):
-            self.shape, self.dim = (count, features), 1
-        else:
-            self.owners = torch.zeros(out_features, dtype=torch.long, device=param_rows.device)
-            self.owners[param_rows] = torch.arange(features, device=param_rows.device).unsqueeze(1).expand_as(param_rows)
-
-    def __call__(self, per_feature: Tensor, per_output: Tensor, plus: Tensor | None = None) -> Tensor:
-        """`per_feature` spread onto the outputs, times `per_output`, plus `plus` (`(B, out)`) if given."""
-        if self.owners is not None:
-            product = per_feature[:, self.owners] * per_output
-            return product if plus is None else product + plus
-        batch = per_output.shape[0]
-        factor, per_output = per_feature.unsqueeze(self.dim), per_output.view(batch, *self.shape)
-        if plus is None:
-            return (factor * per_output).view(batch, -1)
-        return torch.addcmul(plus.view(batch, *self.shape), factor, per_output).view(batch, -1)
 
 
 def _partials(output: Tensor, leaves: list[Tensor]) -> list[Tensor | None]:
@@ -74,9 +43,11 @@ def _generator(device: torch.device) -> torch.Generator:
 class TailPartials:
     """A univariate tail at one point: its log-determinant and per-element partial derivatives.
 
-    All in library order: `du_dp` and `dl_dp` are `(B, out)` in the network's layout, the
-    others `(B, F)`; `None` where the tail does not read that input (or no log-determinant
-    was asked for).
+    Library feature order throughout. The network's outputs are **grouped by parameter**:
+    `du_dp` and `dl_dp` are `(B, P, F)`, `[:, k, i]` the partial w.r.t. parameter `k` of
+    feature `i` (so a per-feature factor broadcasts over contiguous rows); the others are
+    `(B, F)`. `None` where the tail does not read that input (or no log-determinant was
+    asked for).
     """
 
     du_dp: Tensor
@@ -87,14 +58,15 @@ class TailPartials:
     dl_dx: Tensor | None = None
 
 
-def autograd_partials(tail: Any, params: Tensor, library_z: Tensor, library_x: Tensor, with_log_det: bool,
-                      spread: "Spread", check: bool = False) -> TailPartials:
-    """The partials of `tail(p, z, x) -> (new, log_det)` by backward passes with unit seeds.
+def autograd_partials(tail: Any, grouped: Tensor, library_z: Tensor, library_x: Tensor,
+                      with_log_det: bool, check: bool = False) -> TailPartials:
+    """The partials of `tail(p, z, x) -> (new, log_det)` at the `(B, P, F)` parameters, by unit seeds.
 
-    Unit seeds read every partial only if each output feature reads its own parameters and
-    noise alone; `check` verifies that with one random pull and raises `NotElementwiseError`.
+    `tail` takes the parameters grouped as given. Unit seeds read every partial only if each
+    output feature reads its own parameters and noise alone; `check` verifies that with one
+    random pull and raises `NotElementwiseError`.
     """
-    p = params.detach().requires_grad_(True)
+    p = grouped.detach().requires_grad_(True)
     library_z = library_z.detach().requires_grad_(True)
     library_x = library_x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -102,19 +74,19 @@ def autograd_partials(tail: Any, params: Tensor, library_z: Tensor, library_x: T
         du_dp, du_dz = _partials(new, [p, library_z])
         partials = TailPartials(torch.zeros_like(p) if du_dp is None else du_dp, du_dz)
         if check:
-            _check_elementwise(new, p, library_z, partials, spread)
+            _check_elementwise(new, p, library_z, partials)
         if with_log_det:
             partials.log_det = log_det.detach()
             partials.dl_dp, partials.dl_dz, partials.dl_dx = _partials(log_det, [p, library_z, library_x])
     return partials
 
 
-def _check_elementwise(new: Tensor, p: Tensor, library_z: Tensor, partials: TailPartials, spread: "Spread") -> None:
+def _check_elementwise(new: Tensor, p: Tensor, library_z: Tensor, partials: TailPartials) -> None:
     """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull."""
     seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
     on_p, on_z = torch.autograd.grad(new, [p, library_z], seed, retain_graph=True, allow_unused=True)
     tol = 1e3 * torch.finfo(new.dtype).eps
-    pulls = [(on_p, spread(seed, partials.du_dp))]
+    pulls = [(on_p, seed.unsqueeze(1) * partials.du_dp)]
     if partials.du_dz is not None:
         pulls.append((on_z, seed * partials.du_dz))
     for got, expected in pulls:
@@ -130,16 +102,17 @@ class TailLinearisation:
 
     Arguments:
         x: the `(B, T, 1)` leaf the network's output was computed from.
-        params: the network's `(B, out)` output, with its graph to `x`, context and weights.
-        partials: the tail's partial derivatives at `params` (library order).
+        grouped: the network's `(B, P, F)` output grouped by parameter (see
+            [`TailPartials`][arflow_solvers.adapters._masked.linearise.TailPartials]), with
+            its graph to `x`, context and weights.
+        partials: the tail's partial derivatives at `grouped`.
         z: the `(B, T, 1)` noise leaf.
         to_library: our order to library order, `(B, F) -> (B, F)`, and `to_order` back.
-        spread: see [`Spread`][arflow_solvers.adapters._masked.linearise.Spread].
     """
 
-    def __init__(self, x: Tensor, params: Tensor, partials: TailPartials, z: Tensor, to_library: Any,
-                 to_order: Any, spread: Spread):
-        self.x, self.params, self.z, self.spread = x, params, z, spread
+    def __init__(self, x: Tensor, grouped: Tensor, partials: TailPartials, z: Tensor, to_library: Any,
+                 to_order: Any):
+        self.x, self.grouped, self.z = x, grouped, z
         self.to_library, self.to_order = to_library, to_order
         self.du_dp, self.du_dz = partials.du_dp, partials.du_dz
         self.dl_dp, self.dl_dz, self.dl_dx = partials.dl_dp, partials.dl_dz, partials.dl_dx
@@ -152,18 +125,21 @@ class TailLinearisation:
             return None, None
         if self._constant is None or self._constant[0] is not g_log_det:
             weight = g_log_det.unsqueeze(1)
-            on_params = None if self.dl_dp is None else weight * self.dl_dp
+            on_params = None if self.dl_dp is None else weight.unsqueeze(2) * self.dl_dp
             on_x = None if self.dl_dx is None else self.to_order(weight * self.dl_dx).reshape(self.x.shape)
             self._constant = (g_log_det, on_params, on_x)
         return self._constant[1], self._constant[2]
 
     def _seed(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
-        """`dL/dp`: the adjoint spread onto the parameters of each feature, plus the log-determinant's pull."""
+        """`dL/dp`, `(B, P, F)`: the adjoint times each parameter's partial, plus the log-determinant's pull."""
         on_params, _ = self._log_det_pull(g_log_det)
-        return self.spread(self.to_library(lam.reshape(lam.shape[0], -1)), self.du_dp, on_params)
+        per_feature = self.to_library(lam.reshape(lam.shape[0], -1)).unsqueeze(1)
+        if on_params is None:
+            return per_feature * self.du_dp
+        return torch.addcmul(on_params, per_feature, self.du_dp)
 
     def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
-        (pulled,) = torch.autograd.grad(self.params, self.x, self._seed(lam, g_log_det), retain_graph=True,
+        (pulled,) = torch.autograd.grad(self.grouped, self.x, self._seed(lam, g_log_det), retain_graph=True,
                                         allow_unused=True)
         _, explicit = self._log_det_pull(g_log_det)
         if explicit is not None:
@@ -172,7 +148,7 @@ class TailLinearisation:
 
     def pull(self, lam: Tensor, g_log_det: Tensor | None, targets: list[Tensor]) -> list[Tensor | None]:
         through_network = [t for t in targets if t is not self.z]
-        found = iter(torch.autograd.grad(self.params, through_network, self._seed(lam, g_log_det),
+        found = iter(torch.autograd.grad(self.grouped, through_network, self._seed(lam, g_log_det),
                                          allow_unused=True) if through_network else ())
         return [next(found) if target is not self.z else self._pull_z(lam, g_log_det) for target in targets]
 

@@ -60,26 +60,33 @@ class DenseProgram:
     def __init__(self, network: MaskedNetwork, analysis: Analysis, weights: dict[int, Tensor] | None = None):
         self.network, self.analysis, self.weights = network, analysis, weights
 
-    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
+    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
+                 rows: Tensor | None = None) -> Tensor:
         """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout.
 
         `buffers` (op index to tensor, filled here) lets the masked products of successive calls
         write into the same tensors, as `F.linear` computes them (`addmm`); the output is then
-        overwritten by the next call.
+        overwritten by the next call. `rows`: only these outputs, in this order (a final masked
+        layer then computes just those rows).
         """
         if not self.analysis.identity:
             x = take_columns(x, self.analysis.position, self.analysis.reversal)
-        return self.run(x, cond, buffers)
+        return self.run(x, cond, buffers, rows)
 
-    def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
-        """`(B, F)` inputs in library order to the `(B, out)` output."""
+    def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
+            rows: Tensor | None = None) -> Tensor:
+        """`(B, F)` inputs in library order to the `(B, out)` output (or its columns `rows`)."""
         network = self.network
         weights = products(network) if self.weights is None else self.weights
         h = x if network.preprocess is None else network.preprocess(x)
         h = _with_context(network, h, cond)
         stack: list[Tensor] = []
         owned = False  # whether h is an intermediate of this call that nothing else holds
+        last = len(network.program) - 1
         for index, op in enumerate(network.program):
+            if isinstance(op, Masked) and index == last and rows is not None:
+                bias = None if op.layer.bias is None else op.layer.bias[rows]
+                return F.linear(h, weights[index][rows], bias)
             if isinstance(op, Masked):
                 h = _linear(h, weights[index], op.layer.bias, buffers, index)
             elif isinstance(op, Apply):
@@ -96,7 +103,7 @@ class DenseProgram:
             else:
                 h = h + F.linear(stack.pop(), weights[index], op.layer.bias)
             owned = not isinstance(op, Push) and (owned or not isinstance(op, Apply))
-        return h
+        return h if rows is None else h.index_select(1, rows)
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, buffers: dict[int, Tensor] | None, index: int) -> Tensor:
