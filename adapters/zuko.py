@@ -155,7 +155,6 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
     """
 
     shift_scale = (0, 1)  # zuko's MonotonicAffineTransform(shift, scale)
-    _in_place: bool | None = False  # in a snapshot: None until its first sweep compared both ways
 
     def __init__(self, transform: MaskedAutoregressiveTransform, **options: Any):
         super().__init__(transform, **options)
@@ -187,26 +186,17 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
             partials.dl_dp = torch.stack([torch.zeros_like(slope), -slope], 1)
         return partials
 
-    def snapshot(self) -> "ZukoAffineBlock":
-        solving = super().snapshot()
-        solving._in_place = None if solving is not self and solving._slope is not None else False
-        return solving
+    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor | None:
+        """zuko's `(z - shift) / exp(log_scale)` on contiguous shift and scale rows, its operations in its order."""
+        if self._slope is None:
+            return None
+        shift, scale = grouped.unbind(1)
+        log_scale = torch.div(scale, math.log(self._slope)).abs_().add_(1)  # 1 + abs(scale / log(slope))
+        torch.div(scale, log_scale, out=log_scale)
+        return torch.sub(z, shift).div_(log_scale.exp_())
 
-    def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
-        """zuko's `(z - shift) / exp(log_scale)`, in a solve by zuko's operations run in place.
-
-        The in-place sweep computes zuko's operations in zuko's order on zuko's layout, with
-        two new tensors instead of seven; the first sweep of each solve compares it with
-        zuko's own `inv` and keeps zuko's for the solve unless they are equal bit for bit.
-        """
-        if self._in_place is False or torch.is_grad_enabled():
-            return super().univariate_inverse(params, z)
-        fast = _affine_inverse_in_place(params, z, self._slope)
-        if self._in_place is None:
-            own = super().univariate_inverse(params, z)
-            self._in_place = bool(torch.equal(fast, own))
-            return own
-        return fast
+    def _offers_grouped(self) -> bool:
+        return self._slope is not None
 
 
 def _slope(univariate: Any) -> float | None:
@@ -220,14 +210,6 @@ def _slope(univariate: Any) -> float | None:
     if univariate is not MonotonicAffineTransform or set(keywords) - {"slope"}:
         return None
     return float(keywords.get("slope", inspect.signature(MonotonicAffineTransform).parameters["slope"].default))
-
-
-def _affine_inverse_in_place(params: Tensor, z: Tensor, slope: float) -> Tensor:
-    """`MonotonicAffineTransform(shift, scale, slope).inv(z)`: zuko's operations, in zuko's order, in place."""
-    shift, scale = unpack(params.unflatten(-1, (-1, 2)), ((), ()))
-    log_scale = torch.div(scale, math.log(slope)).abs_().add_(1)  # 1 + abs(scale / log(slope))
-    torch.div(scale, log_scale, out=log_scale)
-    return torch.sub(z, shift).div_(log_scale.exp_())
 
 
 def _device(module: nn.Module) -> torch.device:

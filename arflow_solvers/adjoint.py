@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -248,9 +249,9 @@ def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bound: i
     for iterations in range(1, bound + 1):
         pulled = at.pull_x(lam, g_log_det)
         new = grad if pulled is None else grad + pulled
-        change = float((new - lam).abs().max()) if new.numel() else 0.0
+        change = float((new - lam).abs().max()) if new.numel() else 0.0  # NaN or inf: so is new
         stats.history.append(change)
-        if not torch.isfinite(new).all():
+        if not math.isfinite(change):
             raise AdjointError(f"the adjoint of block {stats.index} became non-finite at iteration "
                                f"{iterations}: its gradient would be NaN (the block overflows near x*?)")
         lam = new

@@ -11,7 +11,9 @@ steps follow each other in training):
   network passes per transform (the reference gradient);
 - `ours exact`: [`rsample_and_log_prob`][arflow_solvers.adapters.zuko.rsample_and_log_prob]
   with `Jacobi(tol=0.0)` (samples equal to zuko's bit for bit) and adjoints to their bound;
-- `ours tol`: `Jacobi(tol=1e-6)` and `adjoint_tol=1e-6`.
+- `ours tol`: `Jacobi(tol=1e-6)` and `adjoint_tol=1e-6`;
+- `ours tol 1e-5`: `Jacobi(tol=1e-5)` and `adjoint_tol=1e-4`, the loosest pair whose gradient
+  stays well inside the issue's bound (max relative error 1e-5; the JSON gives the error).
 
 Per method: best time and spread, speedup over zuko, the gradient's max relative error
 (`max |g - g_zuko| / max |g_zuko|` over all parameters), forward passes and adjoint iterations
@@ -45,7 +47,8 @@ from ecosystem import ZUKO_HIDDEN, train  # noqa: E402
 
 __all__ = ["main", "METHODS"]
 
-METHODS = {"zuko": None, "ours exact": (Jacobi(tol=0.0), 0.0), "ours tol": (Jacobi(tol=1e-6), 1e-6)}
+METHODS = {"zuko": None, "ours exact": (Jacobi(tol=0.0), 0.0), "ours tol": (Jacobi(tol=1e-6), 1e-6),
+           "ours tol 1e-5": (Jacobi(tol=1e-5), 1e-4)}
 DEFAULT_SIZES = ["20:512", "100:512", "400:256"]  # features:batch, the table
 TRANSFORMS = 3
 

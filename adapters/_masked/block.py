@@ -125,6 +125,7 @@ class MaskedARBlock:
         self._program: DenseProgram | PackedProgram | None = None
         self._noise: tuple[Tensor, Tensor] | None = None  # in a snapshot: the noise and its library-order copy
         self._buffers: dict[int, Tensor] | None = None  # in a snapshot: the network's outputs, reused by each sweep
+        self._grouped_agrees: bool | None = False  # in a snapshot: None until the first sweep compared both ways
         if self.network is None:  # opaque: called as the library calls it, assumed causal in its order
             self.seq_len = self.opaque_features(transform)
             self.order = self._position = torch.arange(self.seq_len)
@@ -201,6 +202,7 @@ class MaskedARBlock:
                              "masks loaded?); wrap the flow again")
         solving = copy.copy(self)
         solving._noise, solving._buffers = None, {}
+        solving._grouped_agrees = None if self.bitwise and self._offers_grouped() else False
         if self.bitwise:
             solving._program = DENSE(self.transform, self.network, analysis)
         else:
@@ -267,12 +269,27 @@ class MaskedARBlock:
     def univariate_partials(self, grouped: Tensor, z: Tensor, x: Tensor, with_log_det: bool) -> TailPartials | None:
         """The elementwise inverse's partial derivatives in closed form, or `None` (autograd reads them).
 
-        `grouped` is the network's output grouped by parameter, `(B, P, F)` (`[:, k, i]`:
-        parameter `k` of feature `i`, `param_rows[i, k]` in the library's layout); `z` and
-        `x` are `(B, F)`, library order. An adapter that knows the partials overrides this;
+        `grouped` is the network's output grouped by parameter, `(B, P, F)`, and `z`, `x` are
+        `(B, F)`, all with the features in one order (the block's; an elementwise inverse does
+        not mind which). An adapter that knows the partials overrides this;
         `tests/test_linearise.py` holds every such override to autograd's.
         """
         return None
+
+    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor | None:
+        """The elementwise inverse from `(B, P, F)` grouped parameters and `(B, F)` noise, or `None`.
+
+        Features in the block's order, as for `univariate_partials`. An adapter whose
+        inverse reads contiguous per-parameter rows faster than its own layout overrides
+        this with the library's operations in the library's order (so the values are the
+        library's); a snapshot uses it only where the grouped final layer is proven to round
+        as the library's (`DenseProgram.grouped_is_exact`), at the shape of its first sweep.
+        """
+        return None
+
+    def _offers_grouped(self) -> bool:
+        """Whether `grouped_inverse` can answer (the default cannot)."""
+        return type(self).grouped_inverse is not MaskedARBlock.grouped_inverse
 
     def linearise(self, x: Tensor, z: Tensor, cond: Any = None, with_log_det: bool = False) -> Any:
         """This block linearised at `x` for the implicit adjoint, its univariate tail differentiated once.
@@ -284,31 +301,32 @@ class MaskedARBlock:
         if self.network is None or ELEMENTWISE.get(self.transform) is False:
             return None
         flat_x = _flat(x, self.seq_len, "x")
-        rows = self.network.param_rows.to(flat_x.device).T.reshape(-1)  # grouped by parameter
         program = DenseProgram(self.network, ANALYSES(self.transform, self.network, self.name))
-        grouped = program(flat_x, self._bind(cond, x.shape[0]), rows=rows).unflatten(1, (-1, self.seq_len))
-        library_z = self._to_library(_flat(z, self.seq_len, "z").detach())
-        library_x = self._to_library(flat_x.detach())
-        partials = self.univariate_partials(grouped.detach(), library_z, library_x, with_log_det)
+        grouped = program.grouped(flat_x, self._bind(cond, x.shape[0]))
+        flat_z = _flat(z, self.seq_len, "z").detach()
+        partials = self.univariate_partials(grouped.detach(), flat_z, flat_x.detach(), with_log_det)
         if partials is None:
-            partials = self._autograd_partials(grouped, rows, library_z, library_x, with_log_det)
+            partials = self._autograd_partials(grouped, program.rows, flat_z, flat_x.detach(), with_log_det)
             if partials is None:
                 return None
-        return TailLinearisation(x, grouped, partials, z, self._to_library, self._to_order)
+        return TailLinearisation(x, grouped, partials, z)
 
-    def _autograd_partials(self, grouped: Tensor, rows: Tensor, library_z: Tensor, library_x: Tensor,
+    def _autograd_partials(self, grouped: Tensor, rows: Tensor, z: Tensor, x: Tensor,
                            with_log_det: bool) -> TailPartials | None:
         width = self.network.final.weight.shape[0]
 
         def tail(p: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-            params = p.new_zeros(p.shape[0], width).index_copy(1, rows, p.flatten(1))  # the library's layout
+            """The library's univariate on its own layout, read and returned in our order."""
+            params = p.new_zeros(p.shape[0], width).index_copy(1, rows, p.flatten(1))
+            library_z, library_x = self._to_library(z), self._to_library(x)
             if not with_log_det:
-                return self.univariate_inverse(params, z), None
-            return self.univariate_inverse_and_log_det(params, z, x)
+                return self._to_order(self.univariate_inverse(params, library_z)), None
+            new, log_det = self.univariate_inverse_and_log_det(params, library_z, library_x)
+            return self._to_order(new), log_det
 
         check = self.transform not in ELEMENTWISE
         try:
-            partials = autograd_partials(tail, grouped, library_z, library_x, with_log_det, check)
+            partials = autograd_partials(tail, grouped, z, x, with_log_det, check)
         except NotElementwiseError:
             ELEMENTWISE[self.transform] = False
             return None
@@ -317,8 +335,24 @@ class MaskedARBlock:
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
+        if self._grouped_agrees is None:  # the first sweep of this snapshot sets the shape the exact mode certifies at
+            self._grouped_agrees = self._program.grouped_is_exact(x.shape[0], x)
+        # the grouped sweep may run in place, so not under autograd (Newton's forward mode enables it)
+        if self._grouped_agrees and not torch.is_grad_enabled():
+            fast = self._grouped_sweep(x, z, cond)
+            if fast is not None:
+                return fast
+        return self._library_sweep(x, z, cond)
+
+    def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
         params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)
         return self._to_order(self.univariate_inverse(params, self._library_noise(z))).reshape(x.shape)
+
+    def _grouped_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor | None:
+        flat = _flat(x, self.seq_len, "x")
+        grouped = self._program.grouped(flat, self._bind(cond, x.shape[0]), self._buffers)
+        new = self.grouped_inverse(grouped, _flat(z, self.seq_len, "z"))
+        return None if new is None else new.reshape(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, features={self.seq_len})"

@@ -43,10 +43,10 @@ def _generator(device: torch.device) -> torch.Generator:
 class TailPartials:
     """A univariate tail at one point: its log-determinant and per-element partial derivatives.
 
-    Library feature order throughout. The network's outputs are **grouped by parameter**:
-    `du_dp` and `dl_dp` are `(B, P, F)`, `[:, k, i]` the partial w.r.t. parameter `k` of
-    feature `i` (so a per-feature factor broadcasts over contiguous rows); the others are
-    `(B, F)`. `None` where the tail does not read that input (or no log-determinant was
+    Features in the block's order throughout. The network's outputs are **grouped by
+    parameter**: `du_dp` and `dl_dp` are `(B, P, F)`, `[:, k, t]` the partial w.r.t.
+    parameter `k` of the feature at position `t` (so a per-feature factor broadcasts over
+    contiguous rows); the others are `(B, F)`. `None` where the tail does not read that input (or no log-determinant was
     asked for).
     """
 
@@ -58,8 +58,8 @@ class TailPartials:
     dl_dx: Tensor | None = None
 
 
-def autograd_partials(tail: Any, grouped: Tensor, library_z: Tensor, library_x: Tensor,
-                      with_log_det: bool, check: bool = False) -> TailPartials:
+def autograd_partials(tail: Any, grouped: Tensor, z: Tensor, x: Tensor, with_log_det: bool,
+                      check: bool = False) -> TailPartials:
     """The partials of `tail(p, z, x) -> (new, log_det)` at the `(B, P, F)` parameters, by unit seeds.
 
     `tail` takes the parameters grouped as given. Unit seeds read every partial only if each
@@ -67,24 +67,24 @@ def autograd_partials(tail: Any, grouped: Tensor, library_z: Tensor, library_x: 
     random pull and raises `NotElementwiseError`.
     """
     p = grouped.detach().requires_grad_(True)
-    library_z = library_z.detach().requires_grad_(True)
-    library_x = library_x.detach().requires_grad_(True)
+    z = z.detach().requires_grad_(True)
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        new, log_det = tail(p, library_z, library_x)
-        du_dp, du_dz = _partials(new, [p, library_z])
+        new, log_det = tail(p, z, x)
+        du_dp, du_dz = _partials(new, [p, z])
         partials = TailPartials(torch.zeros_like(p) if du_dp is None else du_dp, du_dz)
         if check:
-            _check_elementwise(new, p, library_z, partials)
+            _check_elementwise(new, p, z, partials)
         if with_log_det:
             partials.log_det = log_det.detach()
-            partials.dl_dp, partials.dl_dz, partials.dl_dx = _partials(log_det, [p, library_z, library_x])
+            partials.dl_dp, partials.dl_dz, partials.dl_dx = _partials(log_det, [p, z, x])
     return partials
 
 
-def _check_elementwise(new: Tensor, p: Tensor, library_z: Tensor, partials: TailPartials) -> None:
+def _check_elementwise(new: Tensor, p: Tensor, z: Tensor, partials: TailPartials) -> None:
     """Raise `NotElementwiseError` unless one random pull through the tail equals the partials' pull."""
     seed = torch.randn(new.shape, dtype=new.dtype, device=new.device, generator=_generator(new.device))
-    on_p, on_z = torch.autograd.grad(new, [p, library_z], seed, retain_graph=True, allow_unused=True)
+    on_p, on_z = torch.autograd.grad(new, [p, z], seed, retain_graph=True, allow_unused=True)
     tol = 1e3 * torch.finfo(new.dtype).eps
     pulls = [(on_p, seed.unsqueeze(1) * partials.du_dp)]
     if partials.du_dz is not None:
@@ -107,13 +107,10 @@ class TailLinearisation:
             its graph to `x`, context and weights.
         partials: the tail's partial derivatives at `grouped`.
         z: the `(B, T, 1)` noise leaf.
-        to_library: our order to library order, `(B, F) -> (B, F)`, and `to_order` back.
     """
 
-    def __init__(self, x: Tensor, grouped: Tensor, partials: TailPartials, z: Tensor, to_library: Any,
-                 to_order: Any):
+    def __init__(self, x: Tensor, grouped: Tensor, partials: TailPartials, z: Tensor):
         self.x, self.grouped, self.z = x, grouped, z
-        self.to_library, self.to_order = to_library, to_order
         self.du_dp, self.du_dz = partials.du_dp, partials.du_dz
         self.dl_dp, self.dl_dz, self.dl_dx = partials.dl_dp, partials.dl_dz, partials.dl_dx
         self.log_det = partials.log_det
@@ -126,14 +123,14 @@ class TailLinearisation:
         if self._constant is None or self._constant[0] is not g_log_det:
             weight = g_log_det.unsqueeze(1)
             on_params = None if self.dl_dp is None else weight.unsqueeze(2) * self.dl_dp
-            on_x = None if self.dl_dx is None else self.to_order(weight * self.dl_dx).reshape(self.x.shape)
+            on_x = None if self.dl_dx is None else (weight * self.dl_dx).reshape(self.x.shape)
             self._constant = (g_log_det, on_params, on_x)
         return self._constant[1], self._constant[2]
 
     def _seed(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
         """`dL/dp`, `(B, P, F)`: the adjoint times each parameter's partial, plus the log-determinant's pull."""
         on_params, _ = self._log_det_pull(g_log_det)
-        per_feature = self.to_library(lam.reshape(lam.shape[0], -1)).unsqueeze(1)
+        per_feature = lam.reshape(lam.shape[0], 1, -1)
         if on_params is None:
             return per_feature * self.du_dp
         return torch.addcmul(on_params, per_feature, self.du_dp)
@@ -153,8 +150,8 @@ class TailLinearisation:
         return [next(found) if target is not self.z else self._pull_z(lam, g_log_det) for target in targets]
 
     def _pull_z(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
-        library_lam = self.to_library(lam.reshape(lam.shape[0], -1))
-        dz = torch.zeros_like(library_lam) if self.du_dz is None else library_lam * self.du_dz
+        flat_lam = lam.reshape(lam.shape[0], -1)
+        dz = torch.zeros_like(flat_lam) if self.du_dz is None else flat_lam * self.du_dz
         if g_log_det is not None and self.dl_dz is not None:
             dz = dz + g_log_det.unsqueeze(1) * self.dl_dz
-        return self.to_order(dz).reshape(self.z.shape)
+        return dz.reshape(self.z.shape)

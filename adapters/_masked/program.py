@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from .network import AddPopped, Analysis, Apply, Context, Masked, MaskedNetwork, Push, take_columns
 from .packed import PackedLinear
 
-__all__ = ["DenseProgram", "PackedProgram", "products"]
+__all__ = ["DenseProgram", "PackedProgram", "grouped_rows", "products"]
 
 
 def products(network: MaskedNetwork) -> dict[int, Tensor]:
@@ -46,6 +46,15 @@ def _with_context(network: MaskedNetwork, x: Tensor, cond: Any, order: str | Non
     return torch.cat([x, cond] if order == "append" else [cond, x], dim=-1)
 
 
+MIN_PROBED = 1 << 14
+"""Outputs a probe of the grouped final layer must compare before its layout is trusted."""
+
+
+def grouped_rows(network: MaskedNetwork, analysis: Analysis) -> Tensor:
+    """`(P * F,)`: the output rows grouped by parameter, features in autoregressive order within each."""
+    return network.param_rows.to(analysis.order.device)[analysis.order].T.reshape(-1)
+
+
 class DenseProgram:
     """The network as its library evaluates it: same products, operations and order.
 
@@ -59,35 +68,82 @@ class DenseProgram:
 
     def __init__(self, network: MaskedNetwork, analysis: Analysis, weights: dict[int, Tensor] | None = None):
         self.network, self.analysis, self.weights = network, analysis, weights
+        self.rows = grouped_rows(network, analysis)
+        last = len(network.program) - 1
+        self._final = last if isinstance(network.program[last], Masked) else None
+        self._grouped_final = None if weights is None or self._final is None else self._gather(weights)
+        self._exact: dict[tuple, bool] = {}
 
-    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
-                 rows: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
         """`(B, F)` iterate in autoregressive order to the `(B, out)` output, library layout.
 
         `buffers` (op index to tensor, filled here) lets the masked products of successive calls
         write into the same tensors, as `F.linear` computes them (`addmm`); the output is then
-        overwritten by the next call. `rows`: only these outputs, in this order (a final masked
-        layer then computes just those rows).
+        overwritten by the next call.
         """
-        if not self.analysis.identity:
-            x = take_columns(x, self.analysis.position, self.analysis.reversal)
-        return self.run(x, cond, buffers, rows)
+        return self.run(self._library_inputs(x), cond, buffers)
+
+    def grouped(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
+        """The same output as `(B, P, F)`: grouped by parameter, features in autoregressive order.
+
+        A final masked layer computes just those rows, in that order: each output is the same
+        dot product as in the library's layout, and the univariate parameters come out
+        contiguous and already in the iterate's order.
+        """
+        batch = x.shape[0]
+        if self._final is None:
+            out = self.run(self._library_inputs(x), cond, buffers).index_select(1, self.rows)
+        else:
+            final = self._gather(self.weights) if self._grouped_final is None else self._grouped_final
+            out = self.run(self._library_inputs(x), cond, buffers, final)
+        return out.view(batch, -1, self.network.features)
+
+    def grouped_is_exact(self, batch: int, like: Tensor) -> bool:
+        """Whether `grouped` gives the library's outputs bit for bit for `batch` rows (like `like`).
+
+        Matrix-multiply kernels may round an output differently when its row of the weight
+        sits elsewhere (small or odd shapes take other code paths). Which operations a kernel
+        runs does not depend on the values, but whether two orders round alike does, so one
+        random probe of the final layer settles it only over many outputs: below
+        `MIN_PROBED` outputs the answer is no (small problems gain little from the grouped
+        layout anyway).
+        """
+        key = (batch, like.dtype, like.device)
+        if key not in self._exact:
+            probed = batch * len(self.rows) >= MIN_PROBED
+            self._exact[key] = self._final is not None and probed and self._probe(batch, like)
+        return self._exact[key]
+
+    def _probe(self, batch: int, like: Tensor) -> bool:
+        layer = self.network.program[self._final].layer
+        generator = torch.Generator(device=like.device).manual_seed(0)
+        h = torch.randn(batch, layer.weight.shape[1], generator=generator, dtype=like.dtype, device=like.device)
+        final = self._gather(self.weights) if self._grouped_final is None else self._grouped_final
+        library = F.linear(h, self.weights[self._final], layer.bias).index_select(1, self.rows)
+        return bool(torch.equal(F.linear(h, *final), library))
+
+    def _library_inputs(self, x: Tensor) -> Tensor:
+        return x if self.analysis.identity else take_columns(x, self.analysis.position, self.analysis.reversal)
+
+    def _gather(self, weights: dict[int, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+        """The final layer's masked product and bias, rows grouped (computed with autograd without `weights`)."""
+        layer = self.network.program[self._final].layer
+        product = layer.weight * layer.mask if weights is None else weights[self._final]
+        return product[self.rows], None if layer.bias is None else layer.bias[self.rows]
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
-            rows: Tensor | None = None) -> Tensor:
-        """`(B, F)` inputs in library order to the `(B, out)` output (or its columns `rows`)."""
+            final: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """`(B, F)` inputs in library order to the `(B, out)` output (`final`: the last layer's product and bias)."""
         network = self.network
         weights = products(network) if self.weights is None else self.weights
         h = x if network.preprocess is None else network.preprocess(x)
         h = _with_context(network, h, cond)
         stack: list[Tensor] = []
         owned = False  # whether h is an intermediate of this call that nothing else holds
-        last = len(network.program) - 1
         for index, op in enumerate(network.program):
-            if isinstance(op, Masked) and index == last and rows is not None:
-                bias = None if op.layer.bias is None else op.layer.bias[rows]
-                return F.linear(h, weights[index][rows], bias)
-            if isinstance(op, Masked):
+            if isinstance(op, Masked) and final is not None and index == self._final:
+                h = _linear(h, final[0], final[1], buffers, -1)
+            elif isinstance(op, Masked):
                 h = _linear(h, weights[index], op.layer.bias, buffers, index)
             elif isinstance(op, Apply):
                 h = torch.relu_(h) if owned and not torch.is_grad_enabled() and _is_relu(op.fn) else op.fn(h)
@@ -103,7 +159,7 @@ class DenseProgram:
             else:
                 h = h + F.linear(stack.pop(), weights[index], op.layer.bias)
             owned = not isinstance(op, Push) and (owned or not isinstance(op, Apply))
-        return h if rows is None else h.index_select(1, rows)
+        return h
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, buffers: dict[int, Tensor] | None, index: int) -> Tensor:
