@@ -199,6 +199,9 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
         return self._slope is not None
 
 
+_DEFAULT_SLOPE = inspect.signature(MonotonicAffineTransform).parameters["slope"].default
+
+
 def _slope(univariate: Any) -> float | None:
     """The `slope` a `MonotonicAffineTransform` (or a partial of it by keywords) is built with, else `None`."""
     keywords: dict = {}
@@ -209,7 +212,7 @@ def _slope(univariate: Any) -> float | None:
         univariate = univariate.func
     if univariate is not MonotonicAffineTransform or set(keywords) - {"slope"}:
         return None
-    return float(keywords.get("slope", inspect.signature(MonotonicAffineTransform).parameters["slope"].default))
+    return float(keywords.get("slope", _DEFAULT_SLOPE))
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -16,8 +16,13 @@ Step = Callable[[Tensor, Any], Tensor]
 
 
 def is_ar_block(obj: object) -> bool:
-    """Whether `obj` is a block the solvers invert (affine or with its own inverse map)."""
-    return isinstance(obj, (AffineARBlock, CausalMapBlock))
+    """Whether `obj` is a block the solvers invert (affine or with its own inverse map).
+
+    The members `isinstance(obj, (AffineARBlock, CausalMapBlock))` looks for, read directly:
+    a runtime protocol check walks every member of the protocol on each call, and this one
+    runs several times per solve.
+    """
+    return hasattr(obj, "seq_len") and (hasattr(obj, "affine") or hasattr(obj, "inverse_map"))
 
 
 class Flow:

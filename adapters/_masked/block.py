@@ -131,7 +131,7 @@ class MaskedARBlock:
             self.order = self._position = torch.arange(self.seq_len)
             self._identity, self._reversal = True, False
         else:
-            analysis = ANALYSES(transform, self.network, self.name)
+            self._analysis = analysis = ANALYSES(transform, self.network, self.name)
             self.order, self._position = analysis.order, analysis.position
             self._identity, self._reversal = analysis.identity, analysis.reversal
             self.seq_len = self.network.features
@@ -301,8 +301,8 @@ class MaskedARBlock:
         if self.network is None or ELEMENTWISE.get(self.transform) is False:
             return None
         flat_x = _flat(x, self.seq_len, "x")
-        program = DenseProgram(self.network, ANALYSES(self.transform, self.network, self.name))
-        grouped = program.grouped(flat_x, self._bind(cond, x.shape[0]))
+        program = DenseProgram(self.network, self._analysis)  # the masks a solve's snapshot just checked
+        grouped = program.grouped(flat_x, self._bind(cond, x.shape[0]), exact=False)
         flat_z = _flat(z, self.seq_len, "z").detach()
         partials = self.univariate_partials(grouped.detach(), flat_z, flat_x.detach(), with_log_det)
         if partials is None:

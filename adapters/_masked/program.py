@@ -83,20 +83,38 @@ class DenseProgram:
         """
         return self.run(self._library_inputs(x), cond, buffers)
 
-    def grouped(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
+    def grouped(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
+                exact: bool = True) -> Tensor:
         """The same output as `(B, P, F)`: grouped by parameter, features in autoregressive order.
 
         A final masked layer computes just those rows, in that order: each output is the same
         dot product as in the library's layout, and the univariate parameters come out
-        contiguous and already in the iterate's order.
+        contiguous and already in the iterate's order. `exact=False` (equal to rounding) also
+        reads the iterate in its own order through the first layer's columns, without
+        reordering it (and, under autograd, without reordering every pull back).
         """
         batch = x.shape[0]
+        first = None if exact else self._ordered_first()
+        inputs = x if first is not None else self._library_inputs(x)
         if self._final is None:
-            out = self.run(self._library_inputs(x), cond, buffers).index_select(1, self.rows)
+            out = self.run(inputs, cond, buffers, first=first).index_select(1, self.rows)
         else:
             final = self._gather(self.weights) if self._grouped_final is None else self._grouped_final
-            out = self.run(self._library_inputs(x), cond, buffers, final)
+            out = self.run(inputs, cond, buffers, final, first)
         return out.view(batch, -1, self.network.features)
+
+    def _ordered_first(self) -> tuple[Tensor, Tensor | None] | None:
+        """The first layer's masked product with its feature columns in autoregressive order, or `None`."""
+        network, analysis = self.network, self.analysis
+        if analysis.identity or network.preprocess is not None or not isinstance(network.program[0], Masked) \
+                or self._final == 0:  # one layer: its rows are grouped already
+            return None
+        layer = network.program[0].layer
+        product = layer.weight * layer.mask if self.weights is None else self.weights[0]
+        context = torch.arange(network.context_features, device=analysis.order.device)
+        columns = {None: analysis.order, "append": torch.cat([analysis.order, network.features + context]),
+                   "prepend": torch.cat([context, network.context_features + analysis.order])}[network.context]
+        return product[:, columns], layer.bias
 
     def grouped_is_exact(self, batch: int, like: Tensor) -> bool:
         """Whether `grouped` gives the library's outputs bit for bit for `batch` rows (like `like`).
@@ -132,8 +150,13 @@ class DenseProgram:
         return product[self.rows], None if layer.bias is None else layer.bias[self.rows]
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
-            final: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-        """`(B, F)` inputs in library order to the `(B, out)` output (`final`: the last layer's product and bias)."""
+            final: tuple[Tensor, Tensor | None] | None = None,
+            first: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """`(B, F)` inputs in library order to the `(B, out)` output.
+
+        `final`, `first`: the last and the first layer's product and bias, if not the
+        network's own (grouped rows; columns for inputs in another order).
+        """
         network = self.network
         weights = products(network) if self.weights is None else self.weights
         h = x if network.preprocess is None else network.preprocess(x)
@@ -143,6 +166,8 @@ class DenseProgram:
         for index, op in enumerate(network.program):
             if isinstance(op, Masked) and final is not None and index == self._final:
                 h = _linear(h, final[0], final[1], buffers, -1)
+            elif index == 0 and first is not None:
+                h = _linear(h, first[0], first[1], buffers, -2)
             elif isinstance(op, Masked):
                 h = _linear(h, weights[index], op.layer.bias, buffers, index)
             elif isinstance(op, Apply):
