@@ -12,8 +12,9 @@ steps follow each other in training):
 - `ours exact`: [`rsample_and_log_prob`][arflow_solvers.adapters.zuko.rsample_and_log_prob]
   with `Jacobi(tol=0.0)` (samples equal to zuko's bit for bit) and adjoints to their bound;
 - `ours tol`: `Jacobi(tol=1e-6)` and `adjoint_tol=1e-6`;
-- `ours tol 1e-5`: `Jacobi(tol=1e-5)` and `adjoint_tol=1e-4`, the loosest pair whose gradient
-  stays well inside the issue's bound (max relative error 1e-5; the JSON gives the error).
+- `ours tol 3e-5`: `Jacobi(tol=3e-5)` and `adjoint_tol=1e-3`, a looser pair whose gradient
+  still stays well inside the issue's bound (max relative error 1e-5; the JSON gives the
+  error). Variational inference needs no more: its Monte Carlo gradient noise is far larger.
 
 Per method: best time and spread, speedup over zuko, the gradient's max relative error
 (`max |g - g_zuko| / max |g_zuko|` over all parameters), forward passes and adjoint iterations
@@ -48,7 +49,7 @@ from ecosystem import ZUKO_HIDDEN, train  # noqa: E402
 __all__ = ["main", "METHODS"]
 
 METHODS = {"zuko": None, "ours exact": (Jacobi(tol=0.0), 0.0), "ours tol": (Jacobi(tol=1e-6), 1e-6),
-           "ours tol 1e-5": (Jacobi(tol=1e-5), 1e-4)}
+           "ours tol 3e-5": (Jacobi(tol=3e-5), 1e-3)}
 DEFAULT_SIZES = ["20:512", "100:512", "400:256"]  # features:batch, the table
 TRANSFORMS = 3
 
