@@ -164,6 +164,23 @@ def test_the_grouped_affine_sweep_is_zukos_and_is_decided_once_per_solve(slope):
         pytest.skip("this machine's kernels round the grouped final layer otherwise: zuko's layout was used")
 
 
+def test_the_grouped_layout_is_proven_at_the_largest_batch_a_snapshot_sweeps(monkeypatch):
+    from arflow_solvers.adapters._masked.program import DenseProgram
+
+    torch.manual_seed(4)
+    block = wrap(MAF(24, transforms=1, hidden_features=(32, 32))).blocks[0]
+    probed = []
+    monkeypatch.setattr(DenseProgram, "_probe", lambda self, batch, like: probed.append(batch) or batch < 500)
+    x, z = torch.randn(2, 800, 24, 1)
+    with torch.no_grad():
+        solving = block.snapshot()
+        solving.inverse_map(x[:400], z[:400])
+        assert solving._grouped_agrees is True
+        solving.inverse_map(x, z)  # the certifying shape: proven again, and found wanting
+        solving.inverse_map(x[:400], z[:400])
+    assert probed == [400, 800] and solving._grouped_agrees is False
+
+
 def test_a_grouped_final_layer_that_rounds_otherwise_is_not_used(monkeypatch):
     from arflow_solvers.adapters._masked.program import DenseProgram
 

@@ -125,7 +125,8 @@ class MaskedARBlock:
         self._program: DenseProgram | PackedProgram | None = None
         self._noise: tuple[Tensor, Tensor] | None = None  # in a snapshot: the noise and its library-order copy
         self._buffers: dict[int, Tensor] | None = None  # in a snapshot: the network's outputs, reused by each sweep
-        self._grouped_agrees: bool | None = False  # in a snapshot: None until the first sweep compared both ways
+        self._grouped_agrees: bool | None = False  # in a snapshot: None until a sweep's shape was probed
+        self._grouped_batch = 0
         if self.network is None:  # opaque: called as the library calls it, assumed causal in its order
             self.seq_len = self.opaque_features(transform)
             self.order = self._position = torch.arange(self.seq_len)
@@ -203,6 +204,7 @@ class MaskedARBlock:
         solving = copy.copy(self)
         solving._noise, solving._buffers = None, {}
         solving._grouped_agrees = None if self.bitwise and self._offers_grouped() else False
+        solving._grouped_batch = 0  # the batch size _grouped_agrees was decided at
         if self.bitwise:
             solving._program = DENSE(self.transform, self.network, analysis)
         else:
@@ -283,7 +285,8 @@ class MaskedARBlock:
         inverse reads contiguous per-parameter rows faster than its own layout overrides
         this with the library's operations in the library's order (so the values are the
         library's); a snapshot uses it only where the grouped final layer is proven to round
-        as the library's (`DenseProgram.grouped_is_exact`), at the shape of its first sweep.
+        as the library's (`DenseProgram.grouped_is_exact`) at the largest batch it has swept
+        (where the exact mode certifies its answer; smaller batches only move the iterate).
         """
         return None
 
@@ -335,8 +338,10 @@ class MaskedARBlock:
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
-        if self._grouped_agrees is None:  # the first sweep of this snapshot sets the shape the exact mode certifies at
+        if self._grouped_agrees is not False and x.shape[0] > self._grouped_batch:
+            # proven at the largest batch of the solve: the exact mode certifies its answer there
             self._grouped_agrees = self._program.grouped_is_exact(x.shape[0], x)
+            self._grouped_batch = x.shape[0]
         # the grouped sweep may run in place, so not under autograd (Newton's forward mode enables it)
         if self._grouped_agrees and not torch.is_grad_enabled():
             fast = self._grouped_sweep(x, z, cond)
