@@ -9,7 +9,8 @@ $$\lambda = g + (\partial F / \partial x)^\top \lambda, \qquad
 
 $\partial F / \partial x$ is strictly lower triangular in the block's positions, so Jacobi on
 vector-Jacobian products reaches $\lambda$ exactly in at most $T$ iterations (row $t$ of
-$\lambda$ is final after $T - t$), usually after a few. Memory: one evaluation's graph at
+$\lambda$ is final after $T - t$), usually after a few. Where the plan segments a block, the
+adjoint is solved on the same segments, last first (each exact after its length). Memory: one evaluation's graph at
 $x^*$, whatever $T$ and the number of iterations.
 
 References:
@@ -28,11 +29,11 @@ from torch import Tensor
 
 from ._evaluate import affine_update
 from .density import checked_log_det, block_log_det
-from .solvers import Solver
+from .solvers import Serial, Solver
 from .stopping import StoppingRule
 
-__all__ = ["AdjointStats", "AdjointError", "AutogradLinearisation", "Linearisation", "differentiable_solve",
-           "linearise", "parameters_of", "wants_gradients"]
+__all__ = ["AdjointStats", "AdjointError", "AutogradLinearisation", "Linearisation", "adjoint_segments",
+           "differentiable_solve", "linearise", "parameters_of", "wants_gradients"]
 
 
 class AdjointError(RuntimeError):
@@ -213,6 +214,7 @@ class _BlockSolve(torch.autograd.Function):
             x, stats = solver.solve(block, z, cond, index)
         record["stats"] = stats
         ctx.block, ctx.cond, ctx.rule, ctx.adjoint = block, cond, rule, record["adjoint"]
+        ctx.bounds = adjoint_segments(solver, stats.bounds, z.shape[1])
         if with_log_det:
             ctx.leaves = _linearise(ctx, x, z, inputs, True)
             return x, ctx.leaves.at.log_det
@@ -230,7 +232,7 @@ class _BlockSolve(torch.autograd.Function):
             x, z, *inputs = ctx.saved_tensors
             leaves = _linearise(ctx, x, z, tuple(inputs), False)
         ctx.leaves = None  # the graph is freed as soon as it has served
-        lam = _adjoint(leaves.at, grad, grad_log_det, grad.shape[1], ctx.rule, ctx.adjoint)
+        lam = _adjoint(leaves.at, grad, grad_log_det, ctx.bounds, ctx.rule, ctx.adjoint)
         wanted = [leaves.z, *leaves.cond, *leaves.params]
         targets = [t for t in wanted if t.requires_grad]
         found = iter(leaves.at.pull(lam, grad_log_det, targets) if targets else ())
@@ -238,25 +240,41 @@ class _BlockSolve(torch.autograd.Function):
         return (None, None, None, None, None, None, None, *grads)
 
 
-def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bound: int, rule: StoppingRule,
-             stats: AdjointStats) -> Tensor:
-    r"""`lambda = grad + (dF/dx)^T lambda (+ (d log_det/dx)^T g)` by Jacobi, to the rule or the bound `T`.
+def adjoint_segments(solver: Solver, bounds: tuple[tuple[int, int], ...], seq_len: int) -> tuple[tuple[int, int], ...]:
+    """The segments the adjoint is solved on: the forward's, except for `Serial` (one segment).
 
+    A plan segments a block (`GSJacobi`) where Jacobi over the whole block converges too
+    slowly; the adjoint shares the block's Jacobian, so it is solved on the same segments.
+    `Serial`'s one-position segments serve its KV cache, which a backward pass cannot use:
+    there the whole block is one segment, exact at the same bound `T`.
+    """
+    return ((0, seq_len),) if isinstance(solver, Serial) else tuple(bounds)
+
+
+def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bounds: tuple[tuple[int, int], ...],
+             rule: StoppingRule, stats: AdjointStats) -> Tensor:
+    r"""`lambda = grad + (dF/dx)^T lambda (+ (d log_det/dx)^T g)`, segment by segment, last segment first.
+
+    Row `t` of $(\partial F/\partial x)^\top \lambda$ reads only rows after `t`, so once the
+    later segments are final, Jacobi on a segment of `n` rows is exact after `n` iterations
+    (Gauss-Seidel across segments, in reverse); each segment stops by the rule or that bound.
     A log-determinant that reads `x` adds its constant pull to every iteration, in the same pull.
     """
-    lam = grad
+    lam = grad.clone()
     iterations = 0
-    for iterations in range(1, bound + 1):
-        pulled = at.pull_x(lam, g_log_det)
-        new = grad if pulled is None else grad + pulled
-        change = float((new - lam).abs().max()) if new.numel() else 0.0  # NaN or inf: so is new
-        stats.history.append(change)
-        if not math.isfinite(change):
-            raise AdjointError(f"the adjoint of block {stats.index} became non-finite at iteration "
-                               f"{iterations}: its gradient would be NaN (the block overflows near x*?)")
-        lam = new
-        if change <= rule.atol + rule.rtol * float(lam.abs().max()):
-            break
+    for start, stop in reversed(bounds):
+        for _ in range(stop - start):
+            iterations += 1
+            pulled = at.pull_x(lam, g_log_det)
+            new = grad[:, start:stop] if pulled is None else grad[:, start:stop] + pulled[:, start:stop]
+            change = float((new - lam[:, start:stop]).abs().max()) if new.numel() else 0.0  # NaN or inf: so is new
+            stats.history.append(change)
+            if not math.isfinite(change):
+                raise AdjointError(f"the adjoint of block {stats.index} became non-finite at iteration "
+                                   f"{iterations}: its gradient would be NaN (the block overflows near x*?)")
+            lam[:, start:stop] = new
+            if change <= rule.atol + rule.rtol * float(lam.abs().max()):
+                break
     stats.iterations, stats.residual = iterations, stats.history[-1] if stats.history else 0.0
     return lam
 

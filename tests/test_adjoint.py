@@ -65,6 +65,19 @@ def test_gradients_equal_autograd_through_serial_for_any_solver(features, hidden
     assert_close(got, expected)
 
 
+def test_the_adjoint_is_solved_on_the_forward_plans_segments_last_first():
+    from arflow_solvers.adjoint import adjoint_segments
+
+    block = made(6, [10], 3)
+    z = torch.randn(2, 6, 1, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    inputs = [z, *block.parameters()]
+    expected = gradients(serial_with_graph(Flow([block]), z), inputs)
+    solution = solve(block, z, GSJacobi(6, tol=0.0))  # one row per segment: one iteration each
+    assert_close(gradients(solution.x, inputs), expected)
+    assert solution.adjoint[0].iterations == 6
+    assert adjoint_segments(Serial(), tuple((t, t + 1) for t in range(6)), 6) == ((0, 6),)
+
+
 def test_gradients_flow_through_conditioning_and_a_whole_flow_with_permutations():
     first, second = made(5, [10], 1, context=3), made(5, [10], 2, context=3)
     flow = Flow([first, Permute([4, 2, 0, 1, 3]), second, lambda x, cond=None: 2.0 * x])
