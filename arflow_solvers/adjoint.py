@@ -260,7 +260,8 @@ def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bounds: 
     (Gauss-Seidel across segments, in reverse); each segment stops by the rule or that bound.
     A log-determinant that reads `x` adds its constant pull to every iteration, in the same pull.
     """
-    lam = grad.clone()
+    whole = len(bounds) == 1  # then each iterate replaces the last, without a copy
+    lam = grad if whole else grad.clone()
     iterations = 0
     for start, stop in reversed(bounds):
         for _ in range(stop - start):
@@ -272,7 +273,10 @@ def _adjoint(at: Linearisation, grad: Tensor, g_log_det: Tensor | None, bounds: 
             if not math.isfinite(change):
                 raise AdjointError(f"the adjoint of block {stats.index} became non-finite at iteration "
                                    f"{iterations}: its gradient would be NaN (the block overflows near x*?)")
-            lam[:, start:stop] = new
+            if whole:
+                lam = new
+            else:
+                lam[:, start:stop] = new
             if change <= rule.atol + rule.rtol * float(lam.abs().max()):
                 break
     stats.iterations, stats.residual = iterations, stats.history[-1] if stats.history else 0.0
