@@ -102,10 +102,13 @@ def test_exact_mode_on_large_float32_batches_is_zukos_inverse_bit_for_bit(seed, 
     with torch.no_grad():
         expected = flow().transform.inv(z)
     for plan in (EXACT, FIXED_SHAPE):
-        x, solution = inverse(flow, z, plan, return_solution=True)
+        x, solution = inverse(flow, z, plan, return_solution=True, throw=False)
         # a sample that diverged is re-solved at its own batch shape, to rounding (documented)
         plain = torch.stack([block.status == 0 for block in solution.blocks]).all(0)
         assert torch.equal(x[plain], expected[plain])
+        # a sample we could not finish is one zuko's own loop overflows on too
+        overflowed = ~torch.isfinite(x).all(1)
+        assert not torch.isfinite(expected[overflowed]).all(1).any()
 
 
 def test_maf_reversed_transforms_are_solved_in_the_reversed_order():
@@ -206,7 +209,7 @@ def test_the_probe_sees_a_grouped_final_layer_that_differs_by_rounding():
     block = ar_block(transform)
     with torch.no_grad():
         program = DenseProgram(block.network, ANALYSES(transform, block.network, "t"), products(block.network))
-    weight, bias = program._grouped_final
+    weight, bias = program._final_rows()  # gathered once, then reused: the probe reads this copy
     weight[-1].mul_(1 + 1e-5)  # the last feature reads every input: off by a few ulps, like another kernel
     assert not program.grouped_is_exact(1024, torch.empty(0))
 
