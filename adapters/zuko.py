@@ -186,17 +186,15 @@ class ZukoAffineBlock(ZukoARBlock, MaskedAffineBlock):
             partials.dl_dp = torch.stack([torch.zeros_like(slope), -slope], 1)
         return partials
 
-    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor | None:
+    def offers_grouped_inverse(self) -> bool:
+        return self._slope is not None
+
+    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor:
         """zuko's `(z - shift) / exp(log_scale)` on contiguous shift and scale rows, its operations in its order."""
-        if self._slope is None:
-            return None
         shift, scale = grouped.unbind(1)
         log_scale = torch.div(scale, math.log(self._slope)).abs_().add_(1)  # 1 + abs(scale / log(slope))
         torch.div(scale, log_scale, out=log_scale)
         return torch.sub(z, shift).div_(log_scale.exp_())
-
-    def _offers_grouped(self) -> bool:
-        return self._slope is not None
 
 
 _DEFAULT_SLOPE = inspect.signature(MonotonicAffineTransform).parameters["slope"].default

@@ -176,7 +176,7 @@ class _Iterating(Solver):
     def __post_init__(self) -> None:
         check_tolerance("tol", self.tol)
         check_tolerance("atol", self.atol)
-        StoppingRule(self.tol, self.atol, self.norm)
+        self.stopping_rule()  # checks the norm
         check_optional_count("max_iters", self.max_iters)
         if not callable(self.init):
             raise TypeError(f"init must be callable init(block, z, cond) -> x0; got {self.init!r}")

@@ -203,7 +203,7 @@ class MaskedARBlock:
                              "masks loaded?); wrap the flow again")
         solving = copy.copy(self)
         solving._noise, solving._buffers = None, {}
-        solving._grouped_agrees = None if self.bitwise and self._offers_grouped() else False
+        solving._grouped_agrees = None if self.bitwise and self.offers_grouped_inverse() else False
         solving._grouped_batch = 0  # the batch size _grouped_agrees was decided at
         if self.bitwise:
             solving._program = DENSE(self.transform, self.network, analysis)
@@ -278,21 +278,22 @@ class MaskedARBlock:
         """
         return None
 
-    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor | None:
-        """The elementwise inverse from `(B, P, F)` grouped parameters and `(B, F)` noise, or `None`.
+    def offers_grouped_inverse(self) -> bool:
+        """Whether `grouped_inverse` is available (the default: no)."""
+        return False
+
+    def grouped_inverse(self, grouped: Tensor, z: Tensor) -> Tensor:
+        """The elementwise inverse from `(B, P, F)` grouped parameters and `(B, F)` noise.
 
         Features in the block's order, as for `univariate_partials`. An adapter whose
-        inverse reads contiguous per-parameter rows faster than its own layout overrides
+        inverse reads contiguous per-parameter rows faster than its own layout implements
         this with the library's operations in the library's order (so the values are the
-        library's); a snapshot uses it only where the grouped final layer is proven to round
-        as the library's (`DenseProgram.grouped_is_exact`) at the largest batch it has swept
-        (where the exact mode certifies its answer; smaller batches only move the iterate).
+        library's) and says so in `offers_grouped_inverse`; a snapshot uses it only where
+        the grouped final layer is proven to round as the library's
+        (`DenseProgram.grouped_is_exact`) at the largest batch it has swept (where the exact
+        mode certifies its answer; smaller batches only move the iterate).
         """
-        return None
-
-    def _offers_grouped(self) -> bool:
-        """Whether `grouped_inverse` can answer (the default cannot)."""
-        return type(self).grouped_inverse is not MaskedARBlock.grouped_inverse
+        raise NotImplementedError(f"{type(self).__name__} offers no grouped inverse")
 
     def linearise(self, x: Tensor, z: Tensor, cond: Any = None, with_log_det: bool = False) -> Any:
         """This block linearised at `x` for the implicit adjoint, its univariate tail differentiated once.
@@ -344,20 +345,16 @@ class MaskedARBlock:
             self._grouped_batch = x.shape[0]
         # the grouped sweep may run in place, so not under autograd (Newton's forward mode enables it)
         if self._grouped_agrees and not torch.is_grad_enabled():
-            fast = self._grouped_sweep(x, z, cond)
-            if fast is not None:
-                return fast
+            return self._grouped_sweep(x, z, cond)
         return self._library_sweep(x, z, cond)
 
     def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
         params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)
         return self._to_order(self.univariate_inverse(params, self._library_noise(z))).reshape(x.shape)
 
-    def _grouped_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor | None:
-        flat = _flat(x, self.seq_len, "x")
-        grouped = self._program.grouped(flat, self._bind(cond, x.shape[0]), self._buffers)
-        new = self.grouped_inverse(grouped, _flat(z, self.seq_len, "z"))
-        return None if new is None else new.reshape(x.shape)
+    def _grouped_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
+        grouped = self._program.grouped(_flat(x, self.seq_len, "x"), self._bind(cond, x.shape[0]), self._buffers)
+        return self.grouped_inverse(grouped, _flat(z, self.seq_len, "z")).reshape(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, features={self.seq_len})"

@@ -46,8 +46,8 @@ class TailPartials:
     Features in the block's order throughout. The network's outputs are **grouped by
     parameter**: `du_dp` and `dl_dp` are `(B, P, F)`, `[:, k, t]` the partial w.r.t.
     parameter `k` of the feature at position `t` (so a per-feature factor broadcasts over
-    contiguous rows); the others are `(B, F)`. `None` where the tail does not read that input (or no log-determinant was
-    asked for).
+    contiguous rows); the others are `(B, F)`. `None` where the tail does not read that
+    input (or no log-determinant was asked for).
     """
 
     du_dp: Tensor
@@ -110,9 +110,7 @@ class TailLinearisation:
     """
 
     def __init__(self, x: Tensor, grouped: Tensor, partials: TailPartials, z: Tensor):
-        self.x, self.grouped, self.z = x, grouped, z
-        self.du_dp, self.du_dz = partials.du_dp, partials.du_dz
-        self.dl_dp, self.dl_dz, self.dl_dx = partials.dl_dp, partials.dl_dz, partials.dl_dx
+        self.x, self.grouped, self.z, self.partials = x, grouped, z, partials
         self.log_det = partials.log_det
         self._constant: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
@@ -121,9 +119,9 @@ class TailLinearisation:
         if g_log_det is None or self.log_det is None:
             return None, None
         if self._constant is None or self._constant[0] is not g_log_det:
-            weight = g_log_det.unsqueeze(1)
-            on_params = None if self.dl_dp is None else weight.unsqueeze(2) * self.dl_dp
-            on_x = None if self.dl_dx is None else (weight * self.dl_dx).reshape(self.x.shape)
+            weight, partials = g_log_det.unsqueeze(1), self.partials
+            on_params = None if partials.dl_dp is None else weight.unsqueeze(2) * partials.dl_dp
+            on_x = None if partials.dl_dx is None else (weight * partials.dl_dx).reshape(self.x.shape)
             self._constant = (g_log_det, on_params, on_x)
         return self._constant[1], self._constant[2]
 
@@ -132,8 +130,8 @@ class TailLinearisation:
         on_params, _ = self._log_det_pull(g_log_det)
         per_feature = lam.reshape(lam.shape[0], 1, -1)
         if on_params is None:
-            return per_feature * self.du_dp
-        return torch.addcmul(on_params, per_feature, self.du_dp)
+            return per_feature * self.partials.du_dp
+        return torch.addcmul(on_params, per_feature, self.partials.du_dp)
 
     def pull_x(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor | None:
         (pulled,) = torch.autograd.grad(self.grouped, self.x, self._seed(lam, g_log_det), retain_graph=True,
@@ -151,7 +149,8 @@ class TailLinearisation:
 
     def _pull_z(self, lam: Tensor, g_log_det: Tensor | None) -> Tensor:
         flat_lam = lam.reshape(lam.shape[0], -1)
-        dz = torch.zeros_like(flat_lam) if self.du_dz is None else flat_lam * self.du_dz
-        if g_log_det is not None and self.dl_dz is not None:
-            dz = dz + g_log_det.unsqueeze(1) * self.dl_dz
+        partials = self.partials
+        dz = torch.zeros_like(flat_lam) if partials.du_dz is None else flat_lam * partials.du_dz
+        if g_log_det is not None and partials.dl_dz is not None:
+            dz = dz + g_log_det.unsqueeze(1) * partials.dl_dz
         return dz.reshape(self.z.shape)

@@ -71,7 +71,7 @@ class DenseProgram:
         self.rows = grouped_rows(network, analysis)
         last = len(network.program) - 1
         self._final = last if isinstance(network.program[last], Masked) else None
-        self._grouped_final = None if weights is None or self._final is None else self._gather(weights)
+        self._grouped_final: tuple[Tensor, Tensor | None] | None = None  # gathered at first use, from `weights`
         self._exact: dict[tuple, bool] = {}
 
     def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
@@ -99,8 +99,7 @@ class DenseProgram:
         if self._final is None:
             out = self.run(inputs, cond, buffers, first=first).index_select(1, self.rows)
         else:
-            final = self._gather(self.weights) if self._grouped_final is None else self._grouped_final
-            out = self.run(inputs, cond, buffers, final, first)
+            out = self.run(inputs, cond, buffers, self._final_rows(), first)
         return out.view(batch, -1, self.network.features)
 
     def _ordered_first(self) -> tuple[Tensor, Tensor | None] | None:
@@ -136,18 +135,26 @@ class DenseProgram:
         layer = self.network.program[self._final].layer
         generator = torch.Generator(device=like.device).manual_seed(0)
         h = torch.randn(batch, layer.weight.shape[1], generator=generator, dtype=like.dtype, device=like.device)
-        final = self._gather(self.weights) if self._grouped_final is None else self._grouped_final
         library = F.linear(h, self.weights[self._final], layer.bias).index_select(1, self.rows)
-        return bool(torch.equal(F.linear(h, *final), library))
+        return bool(torch.equal(F.linear(h, *self._final_rows()), library))
 
     def _library_inputs(self, x: Tensor) -> Tensor:
         return x if self.analysis.identity else take_columns(x, self.analysis.position, self.analysis.reversal)
 
-    def _gather(self, weights: dict[int, Tensor] | None) -> tuple[Tensor, Tensor | None]:
-        """The final layer's masked product and bias, rows grouped (computed with autograd without `weights`)."""
+    def _final_rows(self) -> tuple[Tensor, Tensor | None]:
+        """The final layer's masked product and bias, rows grouped.
+
+        Gathered once from the products read for a solve; without them (under autograd, for
+        a linearisation) computed at every call, with their graph.
+        """
+        if self._grouped_final is not None:
+            return self._grouped_final
         layer = self.network.program[self._final].layer
-        product = layer.weight * layer.mask if weights is None else weights[self._final]
-        return product[self.rows], None if layer.bias is None else layer.bias[self.rows]
+        product = layer.weight * layer.mask if self.weights is None else self.weights[self._final]
+        final = product[self.rows], None if layer.bias is None else layer.bias[self.rows]
+        if self.weights is not None:
+            self._grouped_final = final
+        return final
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
             final: tuple[Tensor, Tensor | None] | None = None,
