@@ -58,6 +58,7 @@ except ImportError as error:  # pragma: no cover - exercised only without zuko
 from ._masked import (AddPopped, Masked, MaskedAffineBlock, MaskedARBlock, MaskedNetwork, Push,
                       check_sampleable, pointwise, sampling_steps)
 from ._masked.linearise import TailPartials
+from ._rqs import rqs_inverse, rqs_options
 
 __all__ = ["ZukoARBlock", "ZukoAffineBlock", "ZukoStep", "ar_block", "inverse", "rsample", "rsample_and_log_prob",
            "sample", "wrap"]
@@ -110,11 +111,14 @@ class ZukoARBlock(MaskedARBlock):
         True
     """
 
+    univariate_reads_any_features = True  # zuko's parameters are feature-major: (B, F * total)
+
     def __init__(self, transform: MaskedAutoregressiveTransform, *, bitwise: bool = True,
                  context: Tensor | None = None):
         _check_transform(transform)
         self.total = transform.total
         super().__init__(transform, bitwise=bitwise, context=context)
+        self._rqs = rqs_options(transform.univariate, transform.shapes)  # None: not zuko's own spline
 
     def read_network(self, transform: MaskedAutoregressiveTransform) -> MaskedNetwork:
         hyper = transform.hyper
@@ -129,6 +133,12 @@ class ZukoARBlock(MaskedARBlock):
     def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
         """`univariate(*unpack(params)).inv(z)`, as zuko's `meta(x).inv(z)` computes it."""
         return self._univariate(params).inv(z)
+
+    def univariate_inverse_elements(self, params: Tensor, z: Tensor) -> Tensor:
+        """Single elements: zuko's spline arithmetic on the flat elements (`rqs_inverse`), or zuko's own code."""
+        if self._rqs is None:
+            return super().univariate_inverse_elements(params, z)
+        return rqs_inverse(params, z, **self._rqs)
 
     def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """Minus zuko's `log |dz/dx|` of the univariate transformation."""

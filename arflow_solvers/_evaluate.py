@@ -63,6 +63,7 @@ class Evaluator:
         self.batch_size, self.seq_len = z.shape[0], z.shape[1]
         self._finite = finite_rows(z)
         self.has_map = callable(getattr(block, "inverse_map", None))
+        self.has_rows = self.has_map and callable(getattr(self.block, "inverse_map_rows", None))
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0
@@ -103,12 +104,24 @@ class Evaluator:
         self._passes += passes
         self._work += work
 
-    def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
+    def update(self, x: Tensor, rows: Tensor | None, start: int, stop: int, settled: Tensor | None = None) -> Tensor:
         """New values of rows `[start, stop)` for samples `rows` (`None`: all).
 
         `x` holds those samples' iterates, `(b, T, D)`; returns `(b, stop - start, D)`.
+        `settled` (`(B,)`, for every sample of the solve): the rows before it are final, and a
+        block with `inverse_map_rows` computes only rows `[start, T)`, and may skip those
+        (equal to its `inverse_map` to rounding).
         """
         cond = select_rows(self.cond, rows, self.batch_size)
+        if settled is not None and self.has_rows and start > 0:
+            self.count(x.shape[0], self.seq_len - start)
+            z = self._z if rows is None else self._z[rows]
+            expected = (x.shape[0], self.seq_len - start, x.shape[2])
+            x_new = self.block.inverse_map_rows(x, z, cond, start, settled if rows is None else settled[rows])
+            if not isinstance(x_new, Tensor) or tuple(x_new.shape) != expected or x_new.dtype != x.dtype:
+                raise ValueError(f"block.inverse_map_rows must return a {x.dtype} tensor of shape {expected} for "
+                                 f"rows from {start} of an iterate of shape {tuple(x.shape)}; got {_describe(x_new)}")
+            return x_new[:, : stop - start]
         if self.has_map:
             self.count(x.shape[0], self.seq_len)
             result = self.block.inverse_map(x, self._z if rows is None else self._z[rows], cond)
@@ -134,7 +147,7 @@ class Evaluator:
         """`outputs`, after checking (on the first call) that they are what `method` promises."""
         if self._checked:
             return outputs
-        if method != "inverse_map" and (not isinstance(outputs, (tuple, list)) or len(outputs) != 2):
+        if not method.startswith("inverse_map") and (not isinstance(outputs, (tuple, list)) or len(outputs) != 2):
             raise TypeError(f"block.{method} must return a pair (mu, log_sigma); got "
                             f"{_describe(outputs)}")
         for out in outputs:
@@ -154,6 +167,8 @@ class Evaluator:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of length {len(value)}"
     return type(value).__name__

@@ -60,6 +60,12 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     whose rows moves is the fixed point of the full-shape map, which is unique (the map is
     causal) and is the serial answer. A sample that moves goes on at the full shape, from
     the rows that did not.
+
+    Rows that stopped moving are final too: for a block that can compute a suffix of rows
+    alone (`inverse_map_rows`), the exact prefix then jumps past the leading rows no sample
+    moved, and the exact mode evaluates only the rows after it, skipping each sample's final
+    rows. That cheaper map may round otherwise, so an answer found with it is certified in
+    the same way.
     """
     segment = _Segment(ev, x, start, stop, samples, options)
     active = segment.finite_samples()
@@ -92,6 +98,7 @@ class _Segment:
         self.history: list[tuple[Tensor, Tensor]] = []
         self.watch = Watch(batch, options.patience, x)
         self.shrunk_from: int | None = None  # the first row computed on a shrunk batch (certify mode)
+        self.settled = torch.full((batch,), start, dtype=torch.long, device=x.device)  # rows before: final
 
     def finite_samples(self) -> Tensor:
         """The samples whose noise is finite; the others get NaN rows and `NONFINITE` now."""
@@ -119,14 +126,16 @@ class _Segment:
                 new = new[:, 1:]
             everyone = active.numel() == x.shape[0]
             old = x[:, exact:stop] if everyone else x[active, exact:stop]  # overwritten just below
-            distance = options.rule.distance(new, old, overwrite=True)
+            distance = options.rule.distance(new, old, overwrite=True)  # `old` now holds the update
             converged = options.rule.met(distance, new)
+            # only a block that computes rows apart gains from knowing more of them final
+            settled = self._settle(active, old, exact) if mode != "drop" and ev.has_rows else exact + 1
             if everyone:
                 x[:, exact:stop] = new
             else:
                 x[active, exact:stop] = new
             del new, old
-            exact += 1
+            exact = settled
             used += 1
             self.iterations[active] += 1
             self.history.append((active, distance))
@@ -140,22 +149,42 @@ class _Segment:
             active = active[~(converged | diverging)]
         return active, exact, used
 
+    def _settle(self, active: Tensor, update: Tensor, exact: int) -> int:
+        """Record the rows of each sample found final by an iteration; returns the exact prefix of them all.
+
+        `update` is the `(b, rows, D)` update of rows `exact, exact + 1, ...` of the `active`
+        samples. Per sample, the rows before the first that moved were a fixed point already
+        (each is computed from the rows before it, which did not move either), and that row was
+        computed from them: all are final, for a map that stays the same between iterations.
+        """
+        moved = update.ne(0).any(2)
+        first = torch.where(moved.any(1), moved.to(torch.uint8).argmax(1), moved.shape[1])
+        reached = (first + exact + 1).clamp_(max=self.stop)
+        self.settled[active] = torch.maximum(self.settled[active], reached)
+        return int(reached.min())
+
     def _evaluate(self, active: Tensor, start: int, mode: str, exact: int) -> Tensor:
         """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
         ev, x, samples = self.ev, self.x, self.samples
+        settled = None
+        if mode == "certify" and start > self.start and ev.has_rows:
+            # rows from `start` only, each sample's final rows skipped: a cheaper map that may
+            # round otherwise, so the answer is certified at the end
+            self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
+            settled = self.settled
         if active.numel() == x.shape[0]:
-            return ev.update(x, None, start, self.stop)
+            return ev.update(x, None, start, self.stop, settled)
         if mode == "drop":
             return ev.update(x[active], active, start, self.stop)
         if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.stop - 1:
             self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
             rows = _padded(active, samples, x.shape[0])
-            return ev.update(x[rows], rows, start, self.stop)[: active.numel()]
+            return ev.update(x[rows], rows, start, self.stop, settled)[: active.numel()]
         # Evaluate every sample of the segment so the network sees the same batch shape.
         if samples.numel() == x.shape[0]:
-            new = ev.update(x, None, start, self.stop)
+            new = ev.update(x, None, start, self.stop, settled)
         else:
-            new = ev.update(x[samples], samples, start, self.stop)
+            new = ev.update(x[samples], samples, start, self.stop, settled)
         return new[torch.searchsorted(samples, active)]
 
     def certify(self, active: Tensor, exact: int) -> tuple[Tensor, int]:

@@ -260,7 +260,10 @@ class Jacobi(_Iterative):
     stops changing (or the bound).
 
     **Work saved.** Exact positions are not updated again; converged samples leave the
-    batch; a KV-cached block evaluates only the positions not yet exact.
+    batch; a KV-cached block evaluates only the positions not yet exact. In the exact mode,
+    rows that stopped moving are final too (each was computed from rows that did not move),
+    and a block with `inverse_map_rows` (zuko's masked transforms) evaluates only the rows
+    after them, its answer certified like a shrunk batch's.
 
     **Divergence.** A sample whose update is non-finite or grows `patience` iterations in a
     row is handed to the `on_divergence` policy. `"fall_back"` re-solves it from its exact

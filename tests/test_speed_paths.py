@@ -91,6 +91,109 @@ def test_exact_mode_certifies_with_one_full_batch_call_when_shrunk_batches_round
     assert solution.blocks[0].work < solution.blocks[0].passes
 
 
+class Chain:
+    """`x_t = z_t + a x_{t-1}`, whose `inverse_map_rows` records where it starts and may be off by `error`."""
+
+    seq_len = 64
+
+    def __init__(self, a: float = 0.05, error: float = 0.0):
+        self.a, self.error = a, error
+        self.starts: list[int] = []
+
+    def inverse_map(self, x, z, cond=None):
+        return z + self.a * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+    def inverse_map_rows(self, x, z, cond, start, settled=None):
+        self.starts.append(start)
+        return self.inverse_map(x, z)[:, start:] * (1 + self.error)
+
+
+def test_rows_that_stopped_moving_are_final_and_not_evaluated_again():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    z[:, : Chain.seq_len // 2] = 0.0  # the first half of every sample is solved by the initial guess
+    block = Chain()
+    solution = solve(block, z, EXACT)
+    assert torch.equal(solution.x, solve(Chain(), z, FIXED_SHAPE).x)
+    # Jacobi's bound makes one more row exact per iteration; an unchanged prefix is final at once
+    assert block.starts and max(block.starts) > len(block.starts) + 1
+    assert solution.blocks[0].work < solution.blocks[0].passes
+
+
+def test_rows_computed_apart_that_round_otherwise_are_certified_at_the_full_map():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    block = Chain(error=1e-14)  # a few dozen ulps: rounding, as far as the causality check can tell
+    solution = solve(block, z, EXACT)
+    assert block.starts  # the cheaper map was used, and its answer was not trusted
+    assert torch.equal(solution.x, solve(Chain(), z, FIXED_SHAPE).x)
+    assert (solution.blocks[0].status == 0).all()
+
+
+def test_without_certification_rows_are_never_computed_apart():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    for plan in (FIXED_SHAPE, Jacobi(tol=1e-8)):
+        block = Chain(error=1e-6)
+        solve(block, z, plan)
+        assert not block.starts
+
+
+@pytest.mark.parametrize("transform", [0, 1])  # zuko's NSF alternates the identity order and its reversal
+def test_zukos_nsf_computes_a_suffix_of_positions_as_its_whole_sweep_does(transform):
+    torch.manual_seed(5)
+    flow = NSF(20, transforms=2, bins=4, hidden_features=(32, 32))
+    randomise(flow, 5, 0.3)
+    x, z = torch.randn(2, 70, 20, 1)
+    with torch.no_grad():
+        block = wrap(flow).blocks[transform].snapshot()
+        whole = block.inverse_map(x, z)
+        for start in (1, 7, 19):
+            # a product of few rows may round otherwise (the exact mode certifies): equal to rounding
+            torch.testing.assert_close(block.inverse_map_rows(x, z, None, start), whole[:, start:],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_whose_positions_are_not_one_run_of_features_sweeps_whole_passes():
+    torch.manual_seed(6)
+    order = torch.randperm(12)
+    block = ar_block(zuko.flows.MaskedAutoregressiveTransform(
+        12, univariate=zuko.transforms.MonotonicRQSTransform, shapes=[(4,), (4,), (3,)], order=order))
+    with torch.no_grad():
+        assert block.snapshot().inverse_map_rows is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), elements=st.integers(1, 300), bins=st.integers(2, 10),
+       spread=st.sampled_from([0.1, 3.0, 30.0]), slope=st.sampled_from([1e-3, 1e-2]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_flat_spline_inverse_is_zukos_arithmetic_bit_for_bit(seed, elements, bins, spread, slope, dtype):
+    from zuko.transforms import MonotonicRQSTransform
+
+    from arflow_solvers.adapters._rqs import rqs_inverse
+
+    generator = torch.Generator().manual_seed(seed)
+    params = spread * torch.randn(elements, 3 * bins - 1, generator=generator, dtype=dtype)
+    y = 6 * torch.randn(elements, generator=generator, dtype=dtype)  # some beyond the bound of 5
+    widths, heights, derivatives = params.split((bins, bins, bins - 1), dim=1)
+    expected = MonotonicRQSTransform(widths.contiguous(), heights.contiguous(), derivatives.contiguous(),
+                                     slope=slope).inv(y)
+    assert torch.equal(rqs_inverse(params, y, bins, 5.0, slope), expected)
+
+
+def test_the_flat_spline_inverse_serves_zukos_own_spline_only():
+    from functools import partial
+
+    from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
+
+    from arflow_solvers.adapters._rqs import rqs_options
+
+    shapes = [(6,), (6,), (5,)]
+    assert rqs_options(partial(MonotonicRQSTransform, slope=1e-2), shapes) == {"bins": 6, "bound": 5.0, "slope": 1e-2}
+    assert rqs_options(MonotonicRQSTransform, shapes)["slope"] == 1e-3
+    assert rqs_options(partial(MonotonicRQSTransform, bound=3.0), shapes)["bound"] == 3.0
+    assert rqs_options(MonotonicAffineTransform, [(), ()]) is None
+    assert rqs_options(MonotonicRQSTransform, [(6,), (6,), (6,)]) is None
+    assert rqs_options(partial(MonotonicRQSTransform, 1.0), shapes) is None
+
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), spline=st.booleans(), features=st.integers(8, 24),
        batch=st.integers(3 * MIN_ROWS, 8 * MIN_ROWS))

@@ -114,6 +114,10 @@ class MaskedARBlock:
         context: `(C,)`: one context for every sample, or `None`.
     """
 
+    univariate_reads_any_features = False
+    """Whether `univariate_inverse` takes the parameters and noise of any run of consecutive
+    features (parameters feature-major), so that a sweep can compute a suffix of positions only."""
+
     def __init__(self, transform: nn.Module, *, bitwise: bool = True, context: Tensor | None = None):
         if not isinstance(bitwise, bool):
             raise TypeError(f"bitwise must be a bool; got {bitwise!r}")
@@ -156,6 +160,15 @@ class MaskedARBlock:
     def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
         """The elementwise inverse, library layout: `(B, out)` network output and `(B, F)` noise to `(B, F)`."""
         raise NotImplementedError
+
+    def univariate_inverse_elements(self, params: Tensor, z: Tensor) -> Tensor:
+        """The elementwise inverse of single elements: `(N, P)` parameters of one feature each and `(N,)` noise.
+
+        Only for adapters that set `univariate_reads_any_features`; the default inverts them
+        as `N` samples of one feature. An override must compute the library's arithmetic (the
+        exact mode certifies what it finds with `univariate_inverse`).
+        """
+        return self.univariate_inverse(params, z.unsqueeze(1)).squeeze(1)
 
     def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """`(B,)` log |det dx/dz| of the elementwise inverse at data `x` and noise `z` (library layout)."""
@@ -209,7 +222,19 @@ class MaskedARBlock:
             solving._program = DENSE(self.transform, self.network, analysis)
         else:
             solving._program = PACKED(self.transform, self.network, analysis, self.name)
+        if not solving._reads_suffixes():
+            solving.inverse_map_rows = None  # type: ignore[method-assign]  # the solvers then sweep whole passes
         return solving
+
+    def _reads_suffixes(self) -> bool:
+        """Whether `inverse_map_rows` can compute a suffix of positions alone in this snapshot."""
+        program = self._program
+        if not (self.univariate_reads_any_features and isinstance(program, DenseProgram) and program.has_final_layer):
+            return False
+        if self._grouped_agrees is not False:  # sweeps of the grouped layout compute every row
+            return False
+        rows = self.network.param_rows
+        return (self._identity or self._reversal) and torch.equal(rows.flatten().cpu(), torch.arange(rows.numel()))
 
     def _bind(self, cond: Any, batch: int) -> Any:
         if self.context is None:
@@ -347,6 +372,41 @@ class MaskedARBlock:
         if self._grouped_agrees and not torch.is_grad_enabled():
             return self._grouped_sweep(x, z, cond)
         return self._library_sweep(x, z, cond)
+
+    def inverse_map_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, settled: Tensor | None = None) -> Tensor:
+        """Rows `[start, T)` of `inverse_map(x, z, cond)`, `(B, T - start, 1)`, computed for those positions only.
+
+        The final layer computes only their outputs (in a snapshot whose positions from
+        `start` are one run of library features: orders the identity or its reversal,
+        parameters feature-major). `settled` (`(B,)`): the rows before it are final for each
+        sample, so they keep their values and the univariate inverts only the others. The
+        values are the library's to rounding: a product of fewer rows, or an elementwise
+        kernel over another layout, may round otherwise, so the exact mode certifies an
+        answer found this way with `inverse_map`. Outside a snapshot: `inverse_map`'s rows.
+        """
+        if not isinstance(self._program, DenseProgram):
+            return self.inverse_map(x, z, cond)[:, start:]
+        features, batch = self.seq_len, x.shape[0]
+        span = features - start
+        lo = start if self._identity else 0  # library features lo, ..., lo + span - 1
+        per_feature = self.network.param_rows.shape[1]
+        flat = _flat(x, features, "x")
+        params = self._program.output_rows(flat, self._bind(cond, batch), lo * per_feature,
+                                           (lo + span) * per_feature, self._buffers)
+        noise = self._library_noise(z)
+        if settled is None:
+            new = self.univariate_inverse(params, noise[:, lo:lo + span].contiguous())  # strided views are slower
+            return (new if self._identity else new.flip(1)).unsqueeze(-1)
+        # only the elements not final yet: flat index `i * span + r` of sample i, row start + r
+        todo = (torch.arange(start, features, device=x.device) >= settled[:, None]).view(-1).nonzero().squeeze(1)
+        new = flat[:, start:].clone()
+        if todo.numel():
+            sample, row = todo.div(span, rounding_mode="floor"), todo.remainder(span)
+            feature = row if self._identity else span - 1 - row  # library feature lo + feature
+            chosen = params.view(batch * span, per_feature).index_select(0, sample * span + feature)
+            elements = noise.reshape(-1).index_select(0, sample * features + lo + feature)
+            new.view(-1).index_copy_(0, todo, self.univariate_inverse_elements(chosen, elements))
+        return new.unsqueeze(-1)
 
     def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
         params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)

@@ -83,6 +83,21 @@ class DenseProgram:
         """
         return self.run(self._library_inputs(x), cond, buffers)
 
+    @property
+    def has_final_layer(self) -> bool:
+        """Whether the network ends with a masked layer (whose rows can be computed apart)."""
+        return self._final is not None
+
+    def output_rows(self, x: Tensor, cond: Any, lo: int, hi: int, buffers: dict[int, Tensor] | None = None) -> Tensor:
+        """Outputs `[lo, hi)` of `self(x, cond)`: the final layer computes only those rows.
+
+        Each output is the same dot product, but a product of fewer rows may round otherwise.
+        """
+        layer = self.network.program[self._final].layer
+        product = layer.weight * layer.mask if self.weights is None else self.weights[self._final]
+        final = product[lo:hi], None if layer.bias is None else layer.bias[lo:hi]
+        return self.run(self._library_inputs(x), cond, buffers, final, key=-3)
+
     def grouped(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
                 exact: bool = True) -> Tensor:
         """The same output as `(B, P, F)`: grouped by parameter, features in autoregressive order.
@@ -158,11 +173,12 @@ class DenseProgram:
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
             final: tuple[Tensor, Tensor | None] | None = None,
-            first: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+            first: tuple[Tensor, Tensor | None] | None = None, key: int = -1) -> Tensor:
         """`(B, F)` inputs in library order to the `(B, out)` output.
 
         `final`, `first`: the last and the first layer's product and bias, if not the
-        network's own (grouped rows; columns for inputs in another order).
+        network's own (grouped rows, or some of them; columns for inputs in another order).
+        `key`: the buffer the replaced final layer writes into.
         """
         network = self.network
         weights = products(network) if self.weights is None else self.weights
@@ -172,7 +188,7 @@ class DenseProgram:
         owned = False  # whether h is an intermediate of this call that nothing else holds
         for index, op in enumerate(network.program):
             if isinstance(op, Masked) and final is not None and index == self._final:
-                h = _linear(h, final[0], final[1], buffers, -1)
+                h = _linear(h, final[0], final[1], buffers, key)
             elif index == 0 and first is not None:
                 h = _linear(h, first[0], first[1], buffers, -2)
             elif isinstance(op, Masked):
