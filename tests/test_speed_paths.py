@@ -17,7 +17,6 @@ zuko = pytest.importorskip("zuko")
 from zuko.flows import MAF, NSF  # noqa: E402
 from zuko.transforms import MonotonicAffineTransform  # noqa: E402
 
-from arflow_solvers.adapters import zuko as zuko_adapter  # noqa: E402
 from arflow_solvers.adapters.zuko import ZukoAffineBlock, ar_block, inverse, wrap  # noqa: E402
 from toys import randomise  # noqa: E402
 
