@@ -58,7 +58,6 @@ except ImportError as error:  # pragma: no cover - exercised only without zuko
 from ._masked import (AddPopped, Masked, MaskedAffineBlock, MaskedARBlock, MaskedNetwork, Push,
                       check_sampleable, pointwise, sampling_steps)
 from ._masked.linearise import TailPartials
-from ._rqs import rqs_inverse, rqs_options
 
 __all__ = ["ZukoARBlock", "ZukoAffineBlock", "ZukoStep", "ar_block", "inverse", "rsample", "rsample_and_log_prob",
            "sample", "wrap"]
@@ -118,7 +117,6 @@ class ZukoARBlock(MaskedARBlock):
         _check_transform(transform)
         self.total = transform.total
         super().__init__(transform, bitwise=bitwise, context=context)
-        self._rqs = rqs_options(transform.univariate, transform.shapes)  # None: not zuko's own spline
 
     def read_network(self, transform: MaskedAutoregressiveTransform) -> MaskedNetwork:
         hyper = transform.hyper
@@ -133,12 +131,6 @@ class ZukoARBlock(MaskedARBlock):
     def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
         """`univariate(*unpack(params)).inv(z)`, as zuko's `meta(x).inv(z)` computes it."""
         return self._univariate(params).inv(z)
-
-    def univariate_inverse_elements(self, params: Tensor, z: Tensor) -> Tensor:
-        """Single elements: zuko's spline arithmetic on the flat elements (`rqs_inverse`), or zuko's own code."""
-        if self._rqs is None:
-            return super().univariate_inverse_elements(params, z)
-        return rqs_inverse(params, z, **self._rqs)
 
     def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """Minus zuko's `log |dz/dx|` of the univariate transformation."""

@@ -159,40 +159,6 @@ def test_a_block_whose_positions_are_not_one_run_of_features_sweeps_whole_passes
         assert block.snapshot().inverse_map_rows is None
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), elements=st.integers(1, 300), bins=st.integers(2, 10),
-       spread=st.sampled_from([0.1, 3.0, 30.0]), slope=st.sampled_from([1e-3, 1e-2]),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_the_flat_spline_inverse_is_zukos_arithmetic_bit_for_bit(seed, elements, bins, spread, slope, dtype):
-    from zuko.transforms import MonotonicRQSTransform
-
-    from arflow_solvers.adapters._rqs import rqs_inverse
-
-    generator = torch.Generator().manual_seed(seed)
-    params = spread * torch.randn(elements, 3 * bins - 1, generator=generator, dtype=dtype)
-    y = 6 * torch.randn(elements, generator=generator, dtype=dtype)  # some beyond the bound of 5
-    widths, heights, derivatives = params.split((bins, bins, bins - 1), dim=1)
-    expected = MonotonicRQSTransform(widths.contiguous(), heights.contiguous(), derivatives.contiguous(),
-                                     slope=slope).inv(y)
-    assert torch.equal(rqs_inverse(params, y, bins, 5.0, slope), expected)
-
-
-def test_the_flat_spline_inverse_serves_zukos_own_spline_only():
-    from functools import partial
-
-    from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
-
-    from arflow_solvers.adapters._rqs import rqs_options
-
-    shapes = [(6,), (6,), (5,)]
-    assert rqs_options(partial(MonotonicRQSTransform, slope=1e-2), shapes) == {"bins": 6, "bound": 5.0, "slope": 1e-2}
-    assert rqs_options(MonotonicRQSTransform, shapes)["slope"] == 1e-3
-    assert rqs_options(partial(MonotonicRQSTransform, bound=3.0), shapes)["bound"] == 3.0
-    assert rqs_options(MonotonicAffineTransform, [(), ()]) is None
-    assert rqs_options(MonotonicRQSTransform, [(6,), (6,), (6,)]) is None
-    assert rqs_options(partial(MonotonicRQSTransform, 1.0), shapes) is None
-
-
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), spline=st.booleans(), features=st.integers(8, 24),
        batch=st.integers(3 * MIN_ROWS, 8 * MIN_ROWS))

@@ -115,8 +115,9 @@ class MaskedARBlock:
     """
 
     univariate_reads_any_features = False
-    """Whether `univariate_inverse` takes the parameters and noise of any run of consecutive
-    features (parameters feature-major), so that a sweep can compute a suffix of positions only."""
+    """Whether `univariate_inverse` takes the parameters and noise of any number of consecutive
+    features (parameters feature-major), so that a sweep can invert a suffix of positions, or
+    single elements as samples of one feature, alone."""
 
     def __init__(self, transform: nn.Module, *, bitwise: bool = True, context: Tensor | None = None):
         if not isinstance(bitwise, bool):
@@ -160,15 +161,6 @@ class MaskedARBlock:
     def univariate_inverse(self, params: Tensor, z: Tensor) -> Tensor:
         """The elementwise inverse, library layout: `(B, out)` network output and `(B, F)` noise to `(B, F)`."""
         raise NotImplementedError
-
-    def univariate_inverse_elements(self, params: Tensor, z: Tensor) -> Tensor:
-        """The elementwise inverse of single elements: `(N, P)` parameters of one feature each and `(N,)` noise.
-
-        Only for adapters that set `univariate_reads_any_features`; the default inverts them
-        as `N` samples of one feature. An override must compute the library's arithmetic (the
-        exact mode certifies what it finds with `univariate_inverse`).
-        """
-        return self.univariate_inverse(params, z.unsqueeze(1)).squeeze(1)
 
     def univariate_log_det(self, params: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """`(B,)` log |det dx/dz| of the elementwise inverse at data `x` and noise `z` (library layout)."""
@@ -405,7 +397,9 @@ class MaskedARBlock:
             feature = row if self._identity else span - 1 - row  # library feature lo + feature
             chosen = params.view(batch * span, per_feature).index_select(0, sample * span + feature)
             elements = noise.reshape(-1).index_select(0, sample * features + lo + feature)
-            new.view(-1).index_copy_(0, todo, self.univariate_inverse_elements(chosen, elements))
+            # each element as a sample of one feature
+            inverted = self.univariate_inverse(chosen, elements.unsqueeze(1)).squeeze(1)
+            new.view(-1).index_copy_(0, todo, inverted)
         return new.unsqueeze(-1)
 
     def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
