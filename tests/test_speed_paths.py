@@ -148,6 +148,12 @@ def test_zukos_nsf_computes_a_suffix_of_positions_as_its_whole_sweep_does(transf
             # a product of few rows may round otherwise (the exact mode certifies): equal to rounding
             torch.testing.assert_close(block.inverse_map_rows(x, z, None, start), whole[:, start:],
                                        rtol=1e-4, atol=1e-5)
+            # rows a sample has settled keep their values; the others are the sweep's
+            settled = torch.randint(start, 21, (70,))
+            rows = block.inverse_map_rows(x, z, None, start, settled)
+            final = torch.arange(start, 20) < settled[:, None]
+            assert torch.equal(rows[final], x[:, start:][final])
+            torch.testing.assert_close(rows[~final], whole[:, start:][~final], rtol=1e-4, atol=1e-5)
 
 
 def test_a_block_whose_positions_are_not_one_run_of_features_sweeps_whole_passes():

@@ -370,11 +370,12 @@ class MaskedARBlock:
 
         The final layer computes only their outputs (in a snapshot whose positions from
         `start` are one run of library features: orders the identity or its reversal,
-        parameters feature-major). `settled` (`(B,)`): the rows before it are final for each
-        sample, so they keep their values and the univariate inverts only the others. The
-        values are the library's to rounding: a product of fewer rows, or an elementwise
-        kernel over another layout, may round otherwise, so the exact mode certifies an
-        answer found this way with `inverse_map`. Outside a snapshot: `inverse_map`'s rows.
+        parameters feature-major). `settled` (`(B,)`, default `start`): the rows before it are
+        final for each sample, so they keep their values and the univariate inverts only the
+        others, each as a sample of one feature. The values are the library's to rounding: a
+        product of fewer rows, or an elementwise kernel over another layout, may round
+        otherwise, so the exact mode certifies an answer found this way with `inverse_map`.
+        Outside a snapshot: `inverse_map`'s rows.
         """
         if not isinstance(self._program, DenseProgram):
             return self.inverse_map(x, z, cond)[:, start:]
@@ -385,19 +386,16 @@ class MaskedARBlock:
         flat = _flat(x, features, "x")
         params = self._program.output_rows(flat, self._bind(cond, batch), lo * per_feature,
                                            (lo + span) * per_feature, self._buffers)
-        noise = self._library_noise(z)
+        # the elements not final yet: flat index `i * span + r` of sample i, row start + r
         if settled is None:
-            new = self.univariate_inverse(params, noise[:, lo:lo + span].contiguous())  # strided views are slower
-            return (new if self._identity else new.flip(1)).unsqueeze(-1)
-        # only the elements not final yet: flat index `i * span + r` of sample i, row start + r
+            settled = torch.full((batch,), start, device=x.device)
         todo = (torch.arange(start, features, device=x.device) >= settled[:, None]).view(-1).nonzero().squeeze(1)
         new = flat[:, start:].clone()
         if todo.numel():
             sample, row = todo.div(span, rounding_mode="floor"), todo.remainder(span)
             feature = row if self._identity else span - 1 - row  # library feature lo + feature
             chosen = params.view(batch * span, per_feature).index_select(0, sample * span + feature)
-            elements = noise.reshape(-1).index_select(0, sample * features + lo + feature)
-            # each element as a sample of one feature
+            elements = self._library_noise(z).reshape(-1).index_select(0, sample * features + lo + feature)
             inverted = self.univariate_inverse(chosen, elements.unsqueeze(1)).squeeze(1)
             new.view(-1).index_copy_(0, todo, inverted)
         return new.unsqueeze(-1)
