@@ -109,19 +109,19 @@ class Evaluator:
 
         `x` holds those samples' iterates, `(b, T, D)`; returns `(b, stop - start, D)`.
         `settled` (`(B,)`, for every sample of the solve): the rows before it are final, and a
-        block with `inverse_map_rows` computes only rows `[start, T)`, and may skip those
+        block with `inverse_map_rows` computes only rows `[start, stop)`, and may skip those
         (equal to its `inverse_map` to rounding).
         """
         cond = select_rows(self.cond, rows, self.batch_size)
         if settled is not None and self.has_rows and start > 0:
-            self.count(x.shape[0], self.seq_len - start)
+            self.count(x.shape[0], stop - start)
             z = self._z if rows is None else self._z[rows]
-            expected = (x.shape[0], self.seq_len - start, x.shape[2])
-            x_new = self.block.inverse_map_rows(x, z, cond, start, settled if rows is None else settled[rows])
+            expected = (x.shape[0], stop - start, x.shape[2])
+            x_new = self.block.inverse_map_rows(x, z, cond, start, settled if rows is None else settled[rows], stop)
             if not isinstance(x_new, Tensor) or tuple(x_new.shape) != expected or x_new.dtype != x.dtype:
                 raise ValueError(f"block.inverse_map_rows must return a {x.dtype} tensor of shape {expected} for "
                                  f"rows from {start} of an iterate of shape {tuple(x.shape)}; got {_describe(x_new)}")
-            return x_new[:, : stop - start]
+            return x_new
         if self.has_map:
             self.count(x.shape[0], self.seq_len)
             result = self.block.inverse_map(x, self._z if rows is None else self._z[rows], cond)

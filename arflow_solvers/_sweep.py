@@ -61,11 +61,11 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     causal) and is the serial answer. A sample that moves goes on at the full shape, from
     the rows that did not.
 
-    Rows that stopped moving are final too: for a block that can compute a suffix of rows
-    alone (`inverse_map_rows`), the exact prefix then jumps past the leading rows no sample
-    moved, and the exact mode evaluates only the rows after it, skipping each sample's final
-    rows. That cheaper map may round otherwise, so an answer found with it is certified in
-    the same way.
+    Rows that stopped moving are final too: for a block that can compute some rows alone
+    (`inverse_map_rows`), the exact prefix then jumps past the leading rows no sample moved,
+    and the exact mode evaluates only the segment's rows after it, skipping each sample's
+    final rows. That cheaper map may round otherwise, so an answer found with it is
+    certified in the same way.
     """
     segment = _Segment(ev, x, start, stop, samples, options)
     active = segment.finite_samples()

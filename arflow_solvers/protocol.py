@@ -67,12 +67,12 @@ class CausalMapBlock(Protocol):
     `inverse_map_and_log_det(x, z, cond) -> (x_new, log_det)`, both from one evaluation: a
     differentiable solve with `log_prob` then evaluates it once at the solution, not twice.
 
-    A block that can compute a suffix of rows alone may define
-    `inverse_map_rows(x, z, cond, start, settled) -> (B, T - start, D)`: rows `[start, T)` of
-    `inverse_map`, where rows before `settled[i]` (`(B,)`) of sample `i` are final and may be
-    returned as they are in `x`. The exact mode then evaluates only the rows no sample has
-    settled, and certifies its answer with `inverse_map`, so these rows need only agree
-    with `inverse_map`'s to rounding.
+    A block that can compute some rows alone may define
+    `inverse_map_rows(x, z, cond, start, settled, stop) -> (B, stop - start, D)`: rows
+    `[start, stop)` of `inverse_map`, where rows before `settled[i]` (`(B,)`) of sample `i`
+    are final and may be returned as they are in `x`. The exact mode then evaluates only the
+    rows of the segment being solved that not every sample has settled, and certifies its
+    answer with `inverse_map`, so these rows need only agree with `inverse_map`'s to rounding.
     """
 
     seq_len: int

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arflow_solvers import Jacobi, solve
+from arflow_solvers import GSJacobi, Jacobi, solve
 from arflow_solvers._sweep import MIN_ROWS
 from arflow_solvers.adapters._masked import take_columns
 
@@ -102,9 +102,9 @@ class Chain:
     def inverse_map(self, x, z, cond=None):
         return z + self.a * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
-    def inverse_map_rows(self, x, z, cond, start, settled=None):
+    def inverse_map_rows(self, x, z, cond, start, settled=None, stop=None):
         self.starts.append(start)
-        return self.inverse_map(x, z)[:, start:] * (1 + self.error)
+        return self.inverse_map(x, z)[:, start:stop] * (1 + self.error)
 
 
 def test_rows_that_stopped_moving_are_final_and_not_evaluated_again():
@@ -116,6 +116,21 @@ def test_rows_that_stopped_moving_are_final_and_not_evaluated_again():
     # Jacobi's bound makes one more row exact per iteration; an unchanged prefix is final at once
     assert block.starts and max(block.starts) > len(block.starts) + 1
     assert solution.blocks[0].work < solution.blocks[0].passes
+
+
+def test_segments_compute_their_own_rows_only_and_stay_exact():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    calls = []
+
+    class Recorded(Chain):
+        def inverse_map_rows(self, x, z, cond, start, settled=None, stop=None):
+            calls.append((start, stop))
+            return super().inverse_map_rows(x, z, cond, start, settled, stop)
+
+    solution = solve(Recorded(a=0.5), z, GSJacobi(4, tol=0.0))
+    assert torch.equal(solution.x, solve(Chain(a=0.5), z, FIXED_SHAPE).x)
+    bounds = {(16 * m, 16 * (m + 1)) for m in range(4)}
+    assert calls and all(any(lo <= start and stop == hi for lo, hi in bounds) for start, stop in calls)
 
 
 def test_rows_computed_apart_that_round_otherwise_are_certified_at_the_full_map():
@@ -175,7 +190,7 @@ def test_exact_mode_on_large_float32_batches_is_zukos_inverse_bit_for_bit(seed, 
     z = torch.randn(batch, features)
     with torch.no_grad():
         expected = flow().transform.inv(z)
-    for plan in (EXACT, FIXED_SHAPE):
+    for plan in (EXACT, FIXED_SHAPE, GSJacobi(3, tol=0.0)):
         x, solution = inverse(flow, z, plan, return_solution=True, throw=False)
         # a sample that diverged is re-solved at its own batch shape, to rounding (documented)
         plain = torch.stack([block.status == 0 for block in solution.blocks]).all(0)

@@ -219,7 +219,7 @@ class MaskedARBlock:
         return solving
 
     def _reads_suffixes(self) -> bool:
-        """Whether `inverse_map_rows` can compute a suffix of positions alone in this snapshot."""
+        """Whether `inverse_map_rows` can compute a run of positions alone in this snapshot."""
         program = self._program
         if not (self.univariate_reads_any_features and isinstance(program, DenseProgram) and program.has_final_layer):
             return False
@@ -365,12 +365,13 @@ class MaskedARBlock:
             return self._grouped_sweep(x, z, cond)
         return self._library_sweep(x, z, cond)
 
-    def inverse_map_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, settled: Tensor | None = None) -> Tensor:
-        """Rows `[start, T)` of `inverse_map(x, z, cond)`, `(B, T - start, 1)`, computed for those positions only.
+    def inverse_map_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, settled: Tensor | None = None,
+                         stop: int | None = None) -> Tensor:
+        """Rows `[start, stop)` of `inverse_map(x, z, cond)` (`stop` default `T`), computed for those positions only.
 
-        The final layer computes only their outputs (in a snapshot whose positions from
-        `start` are one run of library features: orders the identity or its reversal,
-        parameters feature-major). `settled` (`(B,)`, default `start`): the rows before it are
+        The final layer computes only their outputs (in a snapshot whose positions are one
+        run of library features: orders the identity or its reversal, parameters
+        feature-major). `settled` (`(B,)`, default `start`): the rows before it are
         final for each sample, so they keep their values and the univariate inverts only the
         others, each as a sample of one feature. The values are the library's to rounding: a
         product of fewer rows, or an elementwise kernel over another layout, may round
@@ -380,8 +381,9 @@ class MaskedARBlock:
         if not isinstance(self._program, DenseProgram):
             return self.inverse_map(x, z, cond)[:, start:]
         features, batch = self.seq_len, x.shape[0]
-        span = features - start
-        lo = start if self._identity else 0  # library features lo, ..., lo + span - 1
+        stop = features if stop is None else stop
+        span = stop - start
+        lo = start if self._identity else features - stop  # library features lo, ..., lo + span - 1
         per_feature = self.network.param_rows.shape[1]
         flat = _flat(x, features, "x")
         params = self._program.output_rows(flat, self._bind(cond, batch), lo * per_feature,
@@ -389,8 +391,8 @@ class MaskedARBlock:
         # the elements not final yet: flat index `i * span + r` of sample i, row start + r
         if settled is None:
             settled = torch.full((batch,), start, device=x.device)
-        todo = (torch.arange(start, features, device=x.device) >= settled[:, None]).view(-1).nonzero().squeeze(1)
-        new = flat[:, start:].clone()
+        todo = (torch.arange(start, stop, device=x.device) >= settled[:, None]).view(-1).nonzero().squeeze(1)
+        new = flat[:, start:stop].clone()
         if todo.numel():
             sample, row = todo.div(span, rounding_mode="floor"), todo.remainder(span)
             feature = row if self._identity else span - 1 - row  # library feature lo + feature
