@@ -13,7 +13,7 @@ from .divergence import DivergencePolicy, Watch
 from .solution import Status
 from .stopping import StoppingRule
 
-__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep", "MIN_ROWS"]
+__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep", "certify_rows", "MIN_ROWS"]
 
 MIN_ROWS = 16
 """A shrunk batch is padded with other samples to at least this many rows: matrix-multiply
@@ -43,10 +43,11 @@ class Outcome:
     iterations: Tensor  # (B,)
     residuals: Tensor  # (K, B), nan where a sample was not iterating
     status: Tensor  # (B,)
+    uncertified_from: int | None = None  # the first row a deferred certification must check
 
 
 def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, max_iters: int,
-          first_exact: int, options: SweepOptions) -> Outcome:
+          first_exact: int, options: SweepOptions, defer_certification: bool = False) -> Outcome:
     """Jacobi on rows `[start, stop)` of `samples`, earlier rows frozen; updates `x` in place.
 
     Iteration `k` computes $X^{k+1} = F(X^k)$ on the rows not yet exact: after it, rows
@@ -66,16 +67,39 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     and the exact mode evaluates only the segment's rows after it, skipping each sample's
     final rows. That cheaper map may round otherwise, so an answer found with it is
     certified in the same way.
+
+    `defer_certification`: sweep to the end of the segment without certifying, and say from
+    which row [`certify_rows`][arflow_solvers._sweep.certify_rows] must (one certification
+    for all the segments of a solve, instead of one each).
     """
     segment = _Segment(ev, x, start, stop, samples, options)
+    segment.deferring = defer_certification
     active = segment.finite_samples()
     mode = _mode(options, ev, samples, x.shape[0])
     active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
+    if segment.shrunk_from is not None and defer_certification:
+        return segment.outcome(active, exact, segment.shrunk_from)
     if segment.shrunk_from is not None:
         active, exact = segment.certify(active, exact)
         to_bound = max_iters >= stop - start - first_exact
         budget = stop - exact if to_bound else max_iters - used - 1
         active, exact, _ = segment.iterate(active, exact, budget, "fixed")
+    return segment.outcome(active, exact)
+
+
+def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, options: SweepOptions) -> Outcome:
+    """Certify rows `[lo, stop)` of every sample swept with deferred certification; finish those that move.
+
+    One evaluation of every sample at the full shape; samples whose `status` is not
+    `CONVERGED` are not checked. A sample that moves goes on at the full shape, from its
+    rows that did not, to the exactness bound.
+    """
+    everyone = torch.arange(x.shape[0], device=x.device)
+    segment = _Segment(ev, x, lo, stop, everyone, options)
+    segment.status.copy_(status)
+    segment.shrunk_from = lo
+    active, exact = segment.certify(everyone, lo)
+    active, exact, _ = segment.iterate(active, exact, stop - exact, "fixed")
     return segment.outcome(active, exact)
 
 
@@ -99,6 +123,7 @@ class _Segment:
         self.watch = Watch(batch, options.patience, x)
         self.shrunk_from: int | None = None  # the first row computed on a shrunk batch (certify mode)
         self.settled = torch.full((batch,), start, dtype=torch.long, device=x.device)  # rows before: final
+        self.deferring = False  # certification left to the caller: sweep every row
 
     def finite_samples(self) -> Tensor:
         """The samples whose noise is finite; the others get NaN rows and `NONFINITE` now."""
@@ -115,7 +140,8 @@ class _Segment:
         ev, x, stop, options = self.ev, self.x, self.stop, self.options
         used = 0
         while used < budget and exact < stop and active.numel():
-            if mode == "certify" and self.shrunk_from is not None and (used == budget - 1 or exact == stop - 1):
+            if mode == "certify" and self.shrunk_from is not None and not self.deferring and (
+                    used == budget - 1 or exact == stop - 1):
                 break  # the last iteration is the certifying one (after it, the sweep runs to the end)
             # Full-pass blocks also recompute the last row this sweep made exact, for free: with
             # the rows before it frozen, it must not move.
@@ -208,11 +234,12 @@ class _Segment:
             return active[:0], stop
         return checked[going_on], int(first[going_on].min()) + 1
 
-    def outcome(self, active: Tensor, exact: int) -> Outcome:
+    def outcome(self, active: Tensor, exact: int, uncertified_from: int | None = None) -> Outcome:
         """The result; samples still iterating short of the bound get `MAX_ITERS`."""
         if exact < self.stop and active.numel():
             self.status[active] = Status.MAX_ITERS
-        return Outcome(self.iterations, _residuals(self.history, self.x.shape[0], self.x), self.status)
+        return Outcome(self.iterations, _residuals(self.history, self.x.shape[0], self.x), self.status,
+                       uncertified_from)
 
 
 def _padded(active: Tensor, samples: Tensor, batch: int) -> Tensor:

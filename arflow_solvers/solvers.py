@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import init as inits
 from ._evaluate import Evaluator, finite_rows
-from ._sweep import SweepOptions, sweep
+from ._sweep import Outcome, SweepOptions, certify_rows, sweep
 from .divergence import PolicyLike, as_policy
 from .solution import BlockStats, Status
 from .stopping import Norm, StoppingRule, check_tolerance
@@ -228,12 +228,19 @@ class _Iterative(_Iterating):
         everyone = torch.arange(batch, device=z.device)
         first_exact = inits.exact_prefix(self.init)
         options = self._sweep_options()
+        # several segments to the bound: one certification at the end, not one per segment
+        defer = options.certify and len(bounds) > 1 and self.max_iters is None
         outcomes = []
         for m, (start, stop) in enumerate(bounds):
             cap = stop - start if self.max_iters is None else self.max_iters
             outcomes.append(sweep(ev, x, start, stop, everyone, max_iters=cap,
-                                  first_exact=first_exact if m == 0 else 0, options=options))
+                                  first_exact=first_exact if m == 0 else 0, options=options,
+                                  defer_certification=defer))
             ev.commit(x, stop)
+        uncertified = [o.uncertified_from for o in outcomes if o.uncertified_from is not None]
+        if uncertified:
+            status = torch.stack([o.status for o in outcomes]).amax(0)
+            outcomes[-1] = _merged(outcomes[-1], certify_rows(ev, x, min(uncertified), seq_len, status, options))
         stats = _block_stats(
             self, index, ev, x, began,
             bounds=bounds,
@@ -314,7 +321,10 @@ class GSJacobi(_Iterative):
     [`Jacobi`][arflow_solvers.Jacobi]; `T` segments is [`Serial`][arflow_solvers.Serial].
     The exactness bound is per segment (its length), so `max_iters=None` again gives the
     serial answer; stopping, work saving and divergence handling are as in `Jacobi`, per
-    segment. A KV-cached block commits each finished segment to its cache once.
+    segment. A KV-cached block commits each finished segment to its cache once. In the exact
+    mode (`tol == atol == 0`, `max_iters=None`) a block that computes a segment's rows alone
+    (`inverse_map_rows`: zuko's masked transforms) evaluates only them, and one call at the
+    full map certifies every segment at the end.
 
     Arguments:
         segments: a count (split as evenly as possible, as in the paper) or the segment
@@ -363,6 +373,12 @@ class GSJacobi(_Iterative):
 
     def _segments(self) -> int | tuple[int, ...]:
         return self.segments
+
+
+def _merged(last: Outcome, certified: Outcome) -> Outcome:
+    """The last segment's outcome with a deferred certification's iterations, residuals and statuses added."""
+    return Outcome(last.iterations + certified.iterations, torch.cat([last.residuals, certified.residuals]),
+                   torch.maximum(last.status, certified.status))
 
 
 _FRESH_INITS = (inits.noise, inits.zeros, inits.zeros_first_exact)

@@ -104,7 +104,7 @@ class Chain:
 
     def inverse_map_rows(self, x, z, cond, start, settled=None, stop=None):
         self.starts.append(start)
-        return self.inverse_map(x, z)[:, start:stop] * (1 + self.error)
+        return Chain.inverse_map(self, x, z)[:, start:stop] * (1 + self.error)
 
 
 def test_rows_that_stopped_moving_are_final_and_not_evaluated_again():
@@ -131,6 +131,32 @@ def test_segments_compute_their_own_rows_only_and_stay_exact():
     assert torch.equal(solution.x, solve(Chain(a=0.5), z, FIXED_SHAPE).x)
     bounds = {(16 * m, 16 * (m + 1)) for m in range(4)}
     assert calls and all(any(lo <= start and stop == hi for lo, hi in bounds) for start, stop in calls)
+
+
+def test_segments_are_certified_once_at_the_end():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    whole: list[int] = []
+
+    class Counted(Chain):
+        def inverse_map(self, x, z, cond=None):
+            whole.append(x.shape[0])
+            return super().inverse_map(x, z, cond)
+
+    solution = solve(Counted(a=0.5), z, GSJacobi(4, tol=0.0))
+    deferred, whole[:] = len(whole), []
+    # a cap of one segment's length is the same bound, but each segment certifies itself
+    each = solve(Counted(a=0.5), z, GSJacobi(4, tol=0.0, max_iters=Chain.seq_len // 4))
+    assert torch.equal(solution.x, solve(Chain(a=0.5), z, FIXED_SHAPE).x)
+    assert torch.equal(each.x, solution.x)
+    assert deferred == len(whole) - 3  # one certifying call at the full map instead of four
+    assert (solution.blocks[0].status == 0).all()
+
+
+def test_segments_computed_apart_that_round_otherwise_are_certified_at_the_full_map():
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    solution = solve(Chain(a=0.5, error=1e-14), z, GSJacobi(4, tol=0.0))
+    assert torch.equal(solution.x, solve(Chain(a=0.5), z, FIXED_SHAPE).x)
+    assert (solution.blocks[0].status == 0).all()
 
 
 def test_rows_computed_apart_that_round_otherwise_are_certified_at_the_full_map():
