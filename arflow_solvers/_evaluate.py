@@ -113,7 +113,7 @@ class Evaluator:
         (equal to its `inverse_map` to rounding).
         """
         cond = select_rows(self.cond, rows, self.batch_size)
-        if settled is not None and self.has_rows and start > 0:
+        if settled is not None and self.has_rows:
             self.count(x.shape[0], stop - start)
             z = self._z if rows is None else self._z[rows]
             expected = (x.shape[0], stop - start, x.shape[2])
@@ -147,7 +147,7 @@ class Evaluator:
         """`outputs`, after checking (on the first call) that they are what `method` promises."""
         if self._checked:
             return outputs
-        if not method.startswith("inverse_map") and (not isinstance(outputs, (tuple, list)) or len(outputs) != 2):
+        if method != "inverse_map" and (not isinstance(outputs, (tuple, list)) or len(outputs) != 2):
             raise TypeError(f"block.{method} must return a pair (mu, log_sigma); got "
                             f"{_describe(outputs)}")
         for out in outputs:

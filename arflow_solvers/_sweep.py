@@ -72,8 +72,7 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     which row [`certify_rows`][arflow_solvers._sweep.certify_rows] must (one certification
     for all the segments of a solve, instead of one each).
     """
-    segment = _Segment(ev, x, start, stop, samples, options)
-    segment.deferring = defer_certification
+    segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification)
     active = segment.finite_samples()
     mode = _mode(options, ev, samples, x.shape[0])
     active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
@@ -114,7 +113,7 @@ class _Segment:
     """The state of one sweep: the iterate, per-sample counts, statuses and update history."""
 
     def __init__(self, ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor,
-                 options: SweepOptions):
+                 options: SweepOptions, deferring: bool = False):
         self.ev, self.x, self.start, self.stop, self.samples, self.options = ev, x, start, stop, samples, options
         batch = x.shape[0]
         self.iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -123,7 +122,7 @@ class _Segment:
         self.watch = Watch(batch, options.patience, x)
         self.shrunk_from: int | None = None  # the first row computed on a shrunk batch (certify mode)
         self.settled = torch.full((batch,), start, dtype=torch.long, device=x.device)  # rows before: final
-        self.deferring = False  # certification left to the caller: sweep every row
+        self.deferring = deferring  # certification left to the caller: sweep every row
 
     def finite_samples(self) -> Tensor:
         """The samples whose noise is finite; the others get NaN rows and `NONFINITE` now."""

@@ -141,6 +141,8 @@ class MaskedARBlock:
             self.order, self._position = analysis.order, analysis.position
             self._identity, self._reversal = analysis.identity, analysis.reversal
             self.seq_len = self.network.features
+            rows = self.network.param_rows
+            self._feature_major = bool(torch.equal(rows.flatten().cpu(), torch.arange(rows.numel())))
         if not bitwise:
             self._check_packable()
 
@@ -225,8 +227,7 @@ class MaskedARBlock:
             return False
         if self._grouped_agrees is not False:  # sweeps of the grouped layout compute every row
             return False
-        rows = self.network.param_rows
-        return (self._identity or self._reversal) and torch.equal(rows.flatten().cpu(), torch.arange(rows.numel()))
+        return (self._identity or self._reversal) and self._feature_major
 
     def _bind(self, cond: Any, batch: int) -> Any:
         if self.context is None:
@@ -378,10 +379,10 @@ class MaskedARBlock:
         otherwise, so the exact mode certifies an answer found this way with `inverse_map`.
         Outside a snapshot: `inverse_map`'s rows.
         """
+        stop = self.seq_len if stop is None else stop
         if not isinstance(self._program, DenseProgram):
-            return self.inverse_map(x, z, cond)[:, start:]
+            return self.inverse_map(x, z, cond)[:, start:stop]
         features, batch = self.seq_len, x.shape[0]
-        stop = features if stop is None else stop
         span = stop - start
         lo = start if self._identity else features - stop  # library features lo, ..., lo + span - 1
         per_feature = self.network.param_rows.shape[1]

@@ -94,8 +94,7 @@ class DenseProgram:
         Each output is the same dot product, but a product of fewer rows may round otherwise.
         """
         layer = self.network.program[self._final].layer
-        product = layer.weight * layer.mask if self.weights is None else self.weights[self._final]
-        final = product[lo:hi], None if layer.bias is None else layer.bias[lo:hi]
+        final = self._product(self._final)[lo:hi], None if layer.bias is None else layer.bias[lo:hi]
         return self.run(self._library_inputs(x), cond, buffers, final, key=-3)
 
     def grouped(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
@@ -124,7 +123,7 @@ class DenseProgram:
                 or self._final == 0:  # one layer: its rows are grouped already
             return None
         layer = network.program[0].layer
-        product = layer.weight * layer.mask if self.weights is None else self.weights[0]
+        product = self._product(0)
         context = torch.arange(network.context_features, device=analysis.order.device)
         columns = {None: analysis.order, "append": torch.cat([analysis.order, network.features + context]),
                    "prepend": torch.cat([context, network.context_features + analysis.order])}[network.context]
@@ -153,6 +152,13 @@ class DenseProgram:
         library = F.linear(h, self.weights[self._final], layer.bias).index_select(1, self.rows)
         return bool(torch.equal(F.linear(h, *self._final_rows()), library))
 
+    def _product(self, index: int) -> Tensor:
+        """Op `index`'s `weight * mask`: read for the solve, or computed now (with its graph)."""
+        if self.weights is not None:
+            return self.weights[index]
+        layer = self.network.program[index].layer
+        return layer.weight * layer.mask
+
     def _library_inputs(self, x: Tensor) -> Tensor:
         return x if self.analysis.identity else take_columns(x, self.analysis.position, self.analysis.reversal)
 
@@ -165,8 +171,7 @@ class DenseProgram:
         if self._grouped_final is not None:
             return self._grouped_final
         layer = self.network.program[self._final].layer
-        product = layer.weight * layer.mask if self.weights is None else self.weights[self._final]
-        final = product[self.rows], None if layer.bias is None else layer.bias[self.rows]
+        final = self._product(self._final)[self.rows], None if layer.bias is None else layer.bias[self.rows]
         if self.weights is not None:
             self._grouped_final = final
         return final
