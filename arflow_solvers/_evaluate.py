@@ -42,6 +42,15 @@ def affine_update(z: Tensor, mu: Tensor, log_sigma: Tensor, dtype: torch.dtype |
     return torch.addcmul(mu.to(dtype), torch.exp(log_sigma.to(dtype)), z.to(dtype)).to(z.dtype)
 
 
+def _unread_from(block: Any, seq_len: int) -> int:
+    """The block's `unread_from` (positions from there on are read by no row), checked; `seq_len` if it has none."""
+    value = getattr(block, "unread_from", seq_len)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= seq_len:
+        raise ValueError(f"{type(block).__name__}.unread_from must be an int in [0, seq_len={seq_len}]; "
+                         f"got {value!r}")
+    return value
+
+
 class Evaluator:
     """The one gateway of a solve to its block: evaluates update rows and counts every call.
 
@@ -64,6 +73,7 @@ class Evaluator:
         self._finite = finite_rows(z)
         self.has_map = callable(getattr(block, "inverse_map", None))
         self.has_rows = self.has_map and callable(getattr(self.block, "inverse_map_rows", None))
+        self.unread_from = _unread_from(self.block, self.seq_len) if self.has_rows else self.seq_len
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0

@@ -13,7 +13,7 @@ from .divergence import DivergencePolicy, Watch
 from .solution import Status
 from .stopping import StoppingRule
 
-__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep", "certify_rows", "MIN_ROWS"]
+__all__ = ["SweepOptions", "Outcome", "NotCausalError", "sweep", "certify_rows", "iterated_rows", "MIN_ROWS"]
 
 MIN_ROWS = 16
 """A shrunk batch is padded with other samples to at least this many rows: matrix-multiply
@@ -68,14 +68,20 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     final rows. That cheaper map may round otherwise, so an answer found with it is
     certified in the same way.
 
+    Rows that no row reads (from the block's `unread_from`) depend only on the rows before
+    them: the exact mode iterates the rows before them alone, then computes them once.
+
     `defer_certification`: sweep to the end of the segment without certifying, and say from
     which row [`certify_rows`][arflow_solvers._sweep.certify_rows] must (one certification
     for all the segments of a solve, instead of one each).
     """
-    segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification)
-    active = segment.finite_samples()
     mode = _mode(options, ev, samples, x.shape[0])
+    end = min(max(ev.unread_from, start), stop) if mode == "certify" else stop
+    segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification, end=end)
+    active = segment.finite_samples()
     active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
+    if end < stop:
+        active, exact = segment.unread_rows(active, exact)
     if segment.shrunk_from is not None and defer_certification:
         return segment.outcome(active, exact, segment.shrunk_from)
     if segment.shrunk_from is not None:
@@ -102,9 +108,18 @@ def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, o
     return segment.outcome(active, exact)
 
 
-def _mode(options: SweepOptions, ev: Evaluator, samples: Tensor, batch: int) -> str:
-    """`"certify"` (exact mode over the whole batch), `"drop"` or `"fixed"` (batch shape kept)."""
-    if options.certify and samples.numel() == batch and not ev.cached and batch > 2 * MIN_ROWS:
+def iterated_rows(ev: Evaluator, options: SweepOptions) -> int:
+    """How many leading rows a sweep of every sample iterates (the others are computed once)."""
+    return ev.unread_from if _mode(options, ev, None, ev.batch_size) == "certify" else ev.seq_len
+
+
+def _mode(options: SweepOptions, ev: Evaluator, samples: Tensor | None, batch: int) -> str:
+    """`"certify"` (exact mode over the whole batch), `"drop"` or `"fixed"` (batch shape kept).
+
+    `samples`: those swept, `None` for all.
+    """
+    everyone = samples is None or samples.numel() == batch
+    if options.certify and everyone and not ev.cached and batch > 2 * MIN_ROWS:
         return "certify"
     return "drop" if options.drop_converged else "fixed"
 
@@ -113,8 +128,9 @@ class _Segment:
     """The state of one sweep: the iterate, per-sample counts, statuses and update history."""
 
     def __init__(self, ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor,
-                 options: SweepOptions, deferring: bool = False):
+                 options: SweepOptions, deferring: bool = False, end: int | None = None):
         self.ev, self.x, self.start, self.stop, self.samples, self.options = ev, x, start, stop, samples, options
+        self.end = stop if end is None else end  # rows from here on are read by no row: computed once
         batch = x.shape[0]
         self.iterations = torch.zeros(batch, dtype=torch.long, device=x.device)
         self.status = torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -136,10 +152,10 @@ class _Segment:
 
     def iterate(self, active: Tensor, exact: int, budget: int, mode: str) -> tuple[Tensor, int, int]:
         """Up to `budget` iterations from exact prefix `exact`; returns `(active, exact, iterations)`."""
-        ev, x, stop, options = self.ev, self.x, self.stop, self.options
+        ev, x, stop, options = self.ev, self.x, self.end, self.options
         used = 0
         while used < budget and exact < stop and active.numel():
-            if mode == "certify" and self.shrunk_from is not None and not self.deferring and (
+            if mode == "certify" and self.shrunk_from is not None and not self.deferring and stop == self.stop and (
                     used == budget - 1 or exact == stop - 1):
                 break  # the last iteration is the certifying one (after it, the sweep runs to the end)
             # Full-pass blocks also recompute the last row this sweep made exact, for free: with
@@ -182,9 +198,7 @@ class _Segment:
         (each is computed from the rows before it, which did not move either), and that row was
         computed from them: all are final, for a map that stays the same between iterations.
         """
-        moved = update.ne(0).any(2)
-        first = torch.where(moved.any(1), moved.to(torch.uint8).argmax(1), moved.shape[1])
-        reached = (first + exact + 1).clamp_(max=self.stop)
+        reached = (_first_moved(update) + exact + 1).clamp_(max=self.end)
         self.settled[active] = torch.maximum(self.settled[active], reached)
         return int(reached.min())
 
@@ -192,25 +206,46 @@ class _Segment:
         """New rows `[start, stop)` of the `active` samples, without copying when all are active."""
         ev, x, samples = self.ev, self.x, self.samples
         settled = None
-        if mode == "certify" and start > self.start and ev.has_rows:
-            # rows from `start` only, each sample's final rows skipped: a cheaper map that may
+        if mode == "certify" and ev.has_rows and (start > 0 or self.end < ev.seq_len):
+            # rows [start, stop) only, each sample's final rows skipped: a cheaper map that may
             # round otherwise, so the answer is certified at the end
             self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
             settled = self.settled
         if active.numel() == x.shape[0]:
-            return ev.update(x, None, start, self.stop, settled)
+            return ev.update(x, None, start, self.end, settled)
         if mode == "drop":
-            return ev.update(x[active], active, start, self.stop)
-        if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.stop - 1:
+            return ev.update(x[active], active, start, self.end)
+        if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.end - 1:
             self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
             rows = _padded(active, samples, x.shape[0])
-            return ev.update(x[rows], rows, start, self.stop, settled)[: active.numel()]
+            return ev.update(x[rows], rows, start, self.end, settled)[: active.numel()]
         # Evaluate every sample of the segment so the network sees the same batch shape.
         if samples.numel() == x.shape[0]:
-            new = ev.update(x, None, start, self.stop, settled)
+            new = ev.update(x, None, start, self.end, settled)
         else:
-            new = ev.update(x[samples], samples, start, self.stop, settled)
+            new = ev.update(x[samples], samples, start, self.end, settled)
         return new[torch.searchsorted(samples, active)]
+
+    def unread_rows(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
+        """Rows `[end, stop)`, which no row reads, once from the rows before them, if those are final.
+
+        Returns the samples still iterating and the exact prefix; the sweep goes on (if at all)
+        over every row to `stop`.
+        """
+        end, stop, x = self.end, self.stop, self.x
+        self.end = stop
+        if exact < end and active.numel():  # out of iterations short of the bound
+            return active, exact
+        everyone = self.samples[self.ev.finite_noise(self.samples)]
+        rows = None if everyone.numel() == x.shape[0] else everyone
+        skip = torch.full((x.shape[0],), end, dtype=torch.long, device=x.device)
+        new = self.ev.update(x if rows is None else x[rows], rows, end, stop, skip)
+        old = x[everyone, end:stop]
+        x[everyone, end:stop] = new
+        self.shrunk_from = end if self.shrunk_from is None else self.shrunk_from
+        self.iterations[everyone] += 1
+        self.history.append((everyone, self.options.rule.distance(new, old)))
+        return active[:0], stop
 
     def certify(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
         """One evaluation of every sample at the full shape; returns those that moved and their exact prefix.
@@ -223,8 +258,7 @@ class _Segment:
         new = self.ev.update(x, None, lo, stop)
         checked = self.samples[(self.status[self.samples] == Status.CONVERGED) & self.ev.finite_noise(self.samples)]
         new, old = new[checked], x[checked, lo:stop]
-        moved = (new != old).flatten(2).any(2)
-        first = torch.where(moved.any(1), moved.to(torch.uint8).argmax(1), stop - lo) + lo
+        first = _first_moved(new - old) + lo
         x[checked, lo:stop] = new
         self.iterations[checked] += 1
         self.history.append((checked, self.options.rule.distance(new, old)))
@@ -239,6 +273,24 @@ class _Segment:
             self.status[active] = Status.MAX_ITERS
         return Outcome(self.iterations, _residuals(self.history, self.x.shape[0], self.x), self.status,
                        uncertified_from)
+
+
+def _first_moved(update: Tensor) -> Tensor:
+    """`(b,)`: each sample's first row (of the `(b, rows, D)` update) that is not zero, `rows` if none.
+
+    Weighs the rows' signs by `rows, ..., 1` and takes the largest: float reductions, many
+    times faster than `argmax` over a boolean tensor. A sample with a NaN (whose sign is 0)
+    or an infinity moved, as far as this can tell, at its first row.
+    """
+    rows = update.shape[1]
+    if rows == 0 or update.shape[2] == 0:
+        return torch.full(update.shape[:1], rows, dtype=torch.long, device=update.device)
+    moved = torch.sign(update).abs_()  # 1 where moved, else 0
+    if moved.dtype not in (torch.float32, torch.float64):
+        moved = moved.float()  # row weights as exact integers
+    weights = torch.arange(rows, 0, -1, dtype=moved.dtype, device=update.device).view(1, rows, 1)
+    first = rows - moved.mul_(weights).amax((1, 2)).long()
+    return first.masked_fill_(~torch.isfinite(update.sum((1, 2))), 0)
 
 
 def _padded(active: Tensor, samples: Tensor, batch: int) -> Tensor:

@@ -73,6 +73,8 @@ class CausalMapBlock(Protocol):
     are final and may be returned as they are in `x`. The exact mode then evaluates only the
     rows of the segment being solved that not every sample has settled, and certifies its
     answer with `inverse_map`, so these rows need only agree with `inverse_map`'s to rounding.
+    Such a block may also say `unread_from: int`: no row reads the positions from there on,
+    so the exact mode iterates only the rows before it and computes the others once.
     """
 
     seq_len: int

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import init as inits
 from ._evaluate import Evaluator, finite_rows
-from ._sweep import Outcome, SweepOptions, certify_rows, sweep
+from ._sweep import Outcome, SweepOptions, certify_rows, iterated_rows, sweep
 from .divergence import PolicyLike, as_policy
 from .solution import BlockStats, Status
 from .stopping import Norm, StoppingRule, check_tolerance
@@ -211,6 +211,14 @@ class _Iterative(_Iterating):
     def _segments(self) -> int | tuple[int, ...]:
         return 1
 
+    def _bounds(self, seq_len: int, iterated: int) -> tuple[tuple[int, int], ...]:
+        """The segments; a count splits the rows that are iterated, and the last also takes the rest."""
+        segments = self._segments()
+        if iterated >= seq_len or not isinstance(segments, int):
+            return segment_bounds(seq_len, segments)
+        bounds = segment_bounds(max(iterated, 1), segments)
+        return bounds[:-1] + ((bounds[-1][0], seq_len),)
+
     def _sweep_options(self) -> SweepOptions:
         tolerance = self.tol > 0 or self.atol > 0
         drop = tolerance if self.drop_converged is None else self.drop_converged
@@ -222,12 +230,12 @@ class _Iterative(_Iterating):
         _sync(z)
         began = time.perf_counter()
         batch, seq_len = z.shape[:2]
-        bounds = segment_bounds(seq_len, self._segments())
         ev = Evaluator(block, z, cond, self.update_dtype)
+        options = self._sweep_options()
+        bounds = self._bounds(seq_len, iterated_rows(ev, options))
         x = initial_guess(self.init, ev, z, cond)
         everyone = torch.arange(batch, device=z.device)
         first_exact = inits.exact_prefix(self.init)
-        options = self._sweep_options()
         # several segments to the bound: one certification at the end, not one per segment
         defer = options.certify and len(bounds) > 1 and self.max_iters is None
         outcomes = []

@@ -136,11 +136,13 @@ class MaskedARBlock:
             self.seq_len = self.opaque_features(transform)
             self.order = self._position = torch.arange(self.seq_len)
             self._identity, self._reversal = True, False
+            self.unread_from = self.seq_len
         else:
             self._analysis = analysis = ANALYSES(transform, self.network, self.name)
             self.order, self._position = analysis.order, analysis.position
             self._identity, self._reversal = analysis.identity, analysis.reversal
             self.seq_len = self.network.features
+            self.unread_from = analysis.unread_from  # positions from here on are read by no row
             rows = self.network.param_rows
             self._feature_major = bool(torch.equal(rows.flatten().cpu(), torch.arange(rows.numel())))
         if not bitwise:
@@ -228,6 +230,15 @@ class MaskedARBlock:
         if self._grouped_agrees is not False:  # sweeps of the grouped layout compute every row
             return False
         return (self._identity or self._reversal) and self._feature_major
+
+    def _grouped_for(self, x: Tensor) -> bool:
+        """Whether sweeps of `x`'s batch use the grouped layout: proven at the largest batch of the solve."""
+        if self._grouped_agrees is not False and x.shape[0] > self._grouped_batch:
+            # the exact mode certifies its answer at the largest batch
+            self._grouped_agrees = self._program.grouped_is_exact(x.shape[0], x)
+            self._grouped_batch = x.shape[0]
+        # the grouped sweep may run in place, so not under autograd (Newton's forward mode enables it)
+        return bool(self._grouped_agrees) and not torch.is_grad_enabled()
 
     def _bind(self, cond: Any, batch: int) -> Any:
         if self.context is None:
@@ -357,12 +368,7 @@ class MaskedARBlock:
 
     def inverse_map(self, x: Tensor, z: Tensor, cond: Any = None) -> Tensor:
         """One sweep of the library's inverse: `(B, T, 1)` iterate and noise to the new iterate."""
-        if self._grouped_agrees is not False and x.shape[0] > self._grouped_batch:
-            # proven at the largest batch of the solve: the exact mode certifies its answer there
-            self._grouped_agrees = self._program.grouped_is_exact(x.shape[0], x)
-            self._grouped_batch = x.shape[0]
-        # the grouped sweep may run in place, so not under autograd (Newton's forward mode enables it)
-        if self._grouped_agrees and not torch.is_grad_enabled():
+        if self._grouped_for(x):
             return self._grouped_sweep(x, z, cond)
         return self._library_sweep(x, z, cond)
 

@@ -170,6 +170,8 @@ class Analysis:
         unit_orders: for each op with a layer, the order of the units it reads (`"cols"`) and
             writes (`"rows"`), as `{index: (rows, cols)}`.
         feature_deps: `(F, F)` bool, `[i, j]`: feature `i`'s parameters read feature `j`.
+        unread_from: the first position from which on no feature's parameters read any
+            (a MADE whose hidden layers are narrower than `F` reads only its first positions).
 
     Units are sorted by degree, which the masks give without being told: the more units
     of the next layer read a unit, the lower its degree. For MADE-like (nested) masks every
@@ -184,6 +186,7 @@ class Analysis:
     input_order: Tensor
     unit_orders: dict[int, tuple[Tensor, Tensor]]
     feature_deps: Tensor
+    unread_from: int
 
 
 def _through(mask: Tensor, deps: Tensor) -> Tensor:
@@ -320,6 +323,7 @@ def analyse(network: MaskedNetwork, name: str = "the network") -> Analysis:
     position = torch.argsort(order)
     identity = bool(torch.equal(order, torch.arange(len(order), device=order.device)))
     input_order, unit_orders = _unit_orders(network, rows.to(order.device)[order].flatten())
+    read = feature_deps.any(0)[order].nonzero()
     return Analysis(order=order, position=position, identity=identity, reversal=is_reversal(order),
-                    input_order=input_order,
-                    unit_orders=unit_orders, feature_deps=feature_deps)
+                    input_order=input_order, unit_orders=unit_orders, feature_deps=feature_deps,
+                    unread_from=int(read.max()) + 1 if read.numel() else 0)
