@@ -162,10 +162,10 @@ class _Segment:
             # the rows before it frozen, it must not move.
             recheck = exact > self.start and not ev.cached
             new = self._evaluate(active, exact - recheck, mode, exact)
-            if recheck:
-                _check_still(ev, x[active, exact - 1], new[:, 0], exact - 1)
-                new = new[:, 1:]
             everyone = active.numel() == x.shape[0]
+            if recheck:
+                _check_still(ev, x[:, exact - 1] if everyone else x[active, exact - 1], new[:, 0], exact - 1)
+                new = new[:, 1:]
             old = x[:, exact:stop] if everyone else x[active, exact:stop]  # overwritten just below
             distance = options.rule.distance(new, old, overwrite=True)  # `old` now holds the update
             converged = options.rule.met(distance, new)
@@ -178,7 +178,10 @@ class _Segment:
             del new, old
             exact = settled
             used += 1
-            self.iterations[active] += 1
+            if everyone:
+                self.iterations += 1
+            else:
+                self.iterations[active] += 1
             self.history.append((active, distance))
             if exact >= stop:
                 break

@@ -28,11 +28,15 @@ class Watch:
         self.growth = torch.zeros(batch, dtype=torch.long, device=like.device)
 
     def diverging(self, samples: Tensor, distance: Tensor) -> Tensor:
-        """Record the update sizes of `samples`; `(len(samples),)` bool of those diverging."""
-        grew = distance > self.previous[samples]
-        growth = torch.where(grew, self.growth[samples] + 1, torch.zeros_like(grew, dtype=torch.long))
-        self.growth[samples] = growth
-        self.previous[samples] = distance
+        """Record the update sizes of `samples` (increasing indices); `(len(samples),)` bool of those diverging."""
+        if samples.numel() == self.growth.numel():  # every sample, in order: no gathers
+            growth = self.growth.add_(1).mul_(distance > self.previous)
+            self.previous.copy_(distance)
+        else:
+            grew = distance > self.previous[samples]
+            growth = torch.where(grew, self.growth[samples] + 1, torch.zeros_like(grew, dtype=torch.long))
+            self.growth[samples] = growth
+            self.previous[samples] = distance
         return ~torch.isfinite(distance) | (growth >= self.patience)
 
 
