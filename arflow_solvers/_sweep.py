@@ -261,7 +261,7 @@ class _Segment:
         new = self.ev.update(x, None, lo, stop)
         checked = self.samples[(self.status[self.samples] == Status.CONVERGED) & self.ev.finite_noise(self.samples)]
         new, old = new[checked], x[checked, lo:stop]
-        first = _first_moved(new - old) + lo
+        first = _first_moved((new != old).to(new.dtype)) + lo  # an infinity that stays is not a move
         x[checked, lo:stop] = new
         self.iterations[checked] += 1
         self.history.append((checked, self.options.rule.distance(new, old)))
