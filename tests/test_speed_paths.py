@@ -213,6 +213,13 @@ def test_segments_split_the_rows_something_reads():
     assert torch.equal(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x)
     # without certification every row is iterated, in the paper's segments
     assert solve(Leaves(reads=40, a=0.5), z, GSJacobi(3, tol=1e-8)).blocks[0].bounds == ((0, 22), (22, 43), (43, 64))
+    # lengths given are kept: a segment past the rows read is computed once, one across them in two steps
+    block = Leaves(reads=40, a=0.5)
+    solution = solve(block, z, GSJacobi([20, 30, 14], tol=0.0))
+    assert solution.blocks[0].bounds == ((0, 20), (20, 50), (50, 64))
+    assert torch.equal(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x)
+    assert block.calls[-1] == (50, 64) and block.calls[-2] == (40, 50)
+    assert all(stop <= 40 for _, stop in block.calls[:-2])
 
 
 @pytest.mark.parametrize("error", [0.0, 1e-14])
