@@ -76,7 +76,7 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     for all the segments of a solve, instead of one each).
     """
     mode = _mode(options, ev, samples, x.shape[0])
-    end = min(max(ev.unread_from, start), stop) if mode == "certify" else stop
+    end = min(max(_iterated(ev, mode), start), stop)
     segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification, end=end)
     active = segment.finite_samples()
     active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
@@ -102,7 +102,7 @@ def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, o
     everyone = torch.arange(x.shape[0], device=x.device)
     segment = _Segment(ev, x, lo, stop, everyone, options)
     segment.status.copy_(status)
-    segment.shrunk_from = lo
+    segment._shrink(lo)
     active, exact = segment.certify(everyone, lo)
     active, exact, _ = segment.iterate(active, exact, stop - exact, "fixed")
     return segment.outcome(active, exact)
@@ -110,7 +110,12 @@ def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, o
 
 def iterated_rows(ev: Evaluator, options: SweepOptions) -> int:
     """How many leading rows a sweep of every sample iterates (the others are computed once)."""
-    return ev.unread_from if _mode(options, ev, None, ev.batch_size) == "certify" else ev.seq_len
+    return _iterated(ev, _mode(options, ev, None, ev.batch_size))
+
+
+def _iterated(ev: Evaluator, mode: str) -> int:
+    """The rows a sweep in `mode` iterates: in the exact mode only those some row reads."""
+    return ev.unread_from if mode == "certify" else ev.seq_len
 
 
 def _mode(options: SweepOptions, ev: Evaluator, samples: Tensor | None, batch: int) -> str:
@@ -212,14 +217,14 @@ class _Segment:
         if mode == "certify" and ev.has_rows and (start > 0 or self.end < ev.seq_len):
             # rows [start, stop) only, each sample's final rows skipped: a cheaper map that may
             # round otherwise, so the answer is certified at the end
-            self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
+            self._shrink(exact)
             settled = self.settled
         if active.numel() == x.shape[0]:
             return ev.update(x, None, start, self.end, settled)
         if mode == "drop":
             return ev.update(x[active], active, start, self.end)
         if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.end - 1:
-            self.shrunk_from = exact if self.shrunk_from is None else self.shrunk_from
+            self._shrink(exact)
             rows = _padded(active, samples, x.shape[0])
             return ev.update(x[rows], rows, start, self.end, settled)[: active.numel()]
         # Evaluate every sample of the segment so the network sees the same batch shape.
@@ -239,16 +244,21 @@ class _Segment:
         self.end = stop
         if exact < end and active.numel():  # out of iterations short of the bound
             return active, exact
-        everyone = self.samples[self.ev.finite_noise(self.samples)]
-        rows = None if everyone.numel() == x.shape[0] else everyone
+        finite = self.samples[self.ev.finite_noise(self.samples)]
+        rows = None if finite.numel() == x.shape[0] else finite
         skip = torch.full((x.shape[0],), end, dtype=torch.long, device=x.device)
         new = self.ev.update(x if rows is None else x[rows], rows, end, stop, skip)
-        old = x[everyone, end:stop]
-        x[everyone, end:stop] = new
-        self.shrunk_from = end if self.shrunk_from is None else self.shrunk_from
-        self.iterations[everyone] += 1
-        self.history.append((everyone, self.options.rule.distance(new, old)))
+        old = x[finite, end:stop]
+        x[finite, end:stop] = new
+        self._shrink(end)
+        self.iterations[finite] += 1
+        self.history.append((finite, self.options.rule.distance(new, old)))
         return active[:0], stop
+
+    def _shrink(self, row: int) -> None:
+        """Record that rows from `row` were computed by a map that may round otherwise (the first record stays)."""
+        if self.shrunk_from is None:
+            self.shrunk_from = row
 
     def certify(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
         """One evaluation of every sample at the full shape; returns those that moved and their exact prefix.
