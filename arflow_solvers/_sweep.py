@@ -270,6 +270,11 @@ class _Segment:
         x, lo, stop = self.x, self.shrunk_from, self.stop
         new = self.ev.update(x, None, lo, stop)
         checked = self.samples[(self.status[self.samples] == Status.CONVERGED) & self.ev.finite_noise(self.samples)]
+        if torch.equal(new, x[:, lo:stop]):  # the usual outcome: every sample is the fixed point, nothing to gather
+            x[:, lo:stop] = new  # equal values, the full map's bits (a zero's sign)
+            self.iterations[checked] += 1
+            self.history.append((checked, new.new_zeros(checked.shape)))
+            return active[:0], stop
         new, old = new[checked], x[checked, lo:stop]
         first = _first_moved((new != old).to(new.dtype)) + lo  # an infinity that stays is not a move
         x[checked, lo:stop] = new
