@@ -96,6 +96,11 @@ class Evaluator:
         """The block with its network calls counted here: what an initial guess receives."""
         return CountedBlock(self)
 
+    @property
+    def reads_settled(self) -> bool:
+        """Whether the block computes rows apart and reads `settled` to do so (its `reads_settled`, default yes)."""
+        return self.has_rows and bool(getattr(self.block, "reads_settled", True))
+
     def noise(self, samples: Tensor | None, start: int, stop: int) -> Tensor:
         """Rows `[start, stop)` of the noise of `samples` (`None`: all)."""
         return self._z[:, start:stop] if samples is None else self._z[samples, start:stop]

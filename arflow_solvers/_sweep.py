@@ -174,8 +174,8 @@ class _Segment:
             old = x[:, exact:stop] if everyone else x[active, exact:stop]  # overwritten just below
             distance = options.rule.distance(new, old, overwrite=True)  # `old` now holds the update
             converged = options.rule.met(distance, new)
-            # only a block that computes rows apart gains from knowing more of them final
-            settled = self._settle(active, old, exact) if mode != "drop" and ev.has_rows else exact + 1
+            # only a block that computes rows apart, each sample's from its own, gains from knowing more of them final
+            settled = self._settle(active, old, exact) if mode != "drop" and ev.reads_settled else exact + 1
             if everyone:
                 x[:, exact:stop] = new
             else:

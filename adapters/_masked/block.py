@@ -227,8 +227,10 @@ class MaskedARBlock:
         program = self._program
         if not (self.univariate_reads_any_features and isinstance(program, DenseProgram) and program.has_final_layer):
             return False
-        if self._grouped_agrees is not False:  # sweeps of the grouped layout compute every row
-            return False
+        return self._grouped_agrees is not False or self._library_runs()
+
+    def _library_runs(self) -> bool:
+        """Whether the positions are one run of library features, each feature's parameters together."""
         return (self._identity or self._reversal) and self._feature_major
 
     def _grouped_for(self, x: Tensor) -> bool:
@@ -380,13 +382,16 @@ class MaskedARBlock:
         run of library features: orders the identity or its reversal, parameters
         feature-major). `settled` (`(B,)`, default `start`): the rows before it are
         final for each sample, so they keep their values and the univariate inverts only the
-        others, each as a sample of one feature. The values are the library's to rounding: a
+        others, each as a sample of one feature. A snapshot that sweeps the grouped layout
+        computes the features before `stop` instead, settled or not. The values are the library's to rounding: a
         product of fewer rows, or an elementwise kernel over another layout, may round
         otherwise, so the exact mode certifies an answer found this way with `inverse_map`.
         Outside a snapshot: `inverse_map`'s rows.
         """
         stop = self.seq_len if stop is None else stop
-        if not isinstance(self._program, DenseProgram):
+        if self._grouped_for(x):
+            return self._grouped_rows(x, z, cond, start, stop)
+        if not (isinstance(self._program, DenseProgram) and self._library_runs()):
             return self.inverse_map(x, z, cond)[:, start:stop]
         features, batch = self.seq_len, x.shape[0]
         span = stop - start
@@ -408,6 +413,22 @@ class MaskedARBlock:
             inverted = self.univariate_inverse(chosen, elements.unsqueeze(1)).squeeze(1)
             new.view(-1).index_copy_(0, todo, inverted)
         return new.unsqueeze(-1)
+
+    @property
+    def reads_settled(self) -> bool:
+        """Whether `inverse_map_rows` reads its `settled` argument: not while sweeping the grouped layout."""
+        return self._grouped_agrees is not True
+
+    def _grouped_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, stop: int) -> Tensor:
+        """Rows `[start, stop)` of a grouped sweep: the final layer computes the features before `stop`.
+
+        One product shape for every `start` (the rows before it are few and cheap), so the
+        sweeps of a segment round alike; `settled` rows are recomputed.
+        """
+        flat = _flat(x, self.seq_len, "x")
+        grouped = self._program.grouped_prefix(flat, self._bind(cond, x.shape[0]), stop, self._buffers)
+        new = self.grouped_inverse(grouped, _flat(z, self.seq_len, "z")[:, :stop])
+        return new[:, start:].unsqueeze(-1)
 
     def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
         params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)
