@@ -383,9 +383,10 @@ class MaskedARBlock:
         feature-major). `settled` (`(B,)`, default `start`): the rows before it are
         final for each sample, so they keep their values and the univariate inverts only the
         others, each as a sample of one feature. A snapshot that sweeps the grouped layout
-        computes the features before `stop` instead, settled or not. The values are the library's to rounding: a
-        product of fewer rows, or an elementwise kernel over another layout, may round
-        otherwise, so the exact mode certifies an answer found this way with `inverse_map`.
+        computes every feature before `stop` instead, settled or not. The values are the
+        library's to rounding: a product of fewer rows, or an elementwise kernel over another
+        layout, may round otherwise, so the exact mode certifies an answer found this way with
+        `inverse_map`.
         Outside a snapshot: `inverse_map`'s rows.
         """
         stop = self.seq_len if stop is None else stop
@@ -422,8 +423,8 @@ class MaskedARBlock:
     def _grouped_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, stop: int) -> Tensor:
         """Rows `[start, stop)` of a grouped sweep: the final layer computes the features before `stop`.
 
-        One product shape for every `start` (the rows before it are few and cheap), so the
-        sweeps of a segment round alike; `settled` rows are recomputed.
+        The rows before `start` are computed too, so every sweep of a segment has one product
+        shape and rounds alike; `settled` is not read.
         """
         flat = _flat(x, self.seq_len, "x")
         grouped = self._program.grouped_prefix(flat, self._bind(cond, x.shape[0]), stop, self._buffers)
