@@ -321,6 +321,22 @@ def test_zukos_grouped_maf_computes_the_rows_before_a_stop_as_its_whole_sweep_do
                                        rtol=1e-5, atol=1e-6)
 
 
+def test_a_maf_whose_grouped_layout_the_probe_refused_computes_rows_from_whole_sweeps(monkeypatch):
+    from arflow_solvers.adapters._masked.program import DenseProgram
+
+    torch.manual_seed(9)
+    flow = MAF(12, transforms=1, hidden_features=(16, 16))
+    monkeypatch.setattr(DenseProgram, "_probe", lambda self, batch, like: False)
+    x, z = torch.randn(2, 50, 12, 1)
+    with torch.no_grad():
+        block = wrap(flow).blocks[0].snapshot()
+        whole = block.inverse_map(x, z)
+        assert block._grouped_agrees is False and not block.reads_settled
+        # the affine is cheap: no per-sample elements, the whole sweep's rows (settled ones too)
+        rows = block.inverse_map_rows(x, z, None, 2, torch.full((50,), 6), 11)
+        assert torch.equal(rows, whole[:, 2:11])
+
+
 def test_a_block_whose_positions_are_not_one_run_of_features_sweeps_whole_passes():
     torch.manual_seed(6)
     order = torch.randperm(12)

@@ -212,7 +212,7 @@ class MaskedARBlock:
                              "masks loaded?); wrap the flow again")
         solving = copy.copy(self)
         solving._noise, solving._buffers = None, {}
-        solving._grouped_agrees = None if self.bitwise and self.offers_grouped_inverse() else False
+        solving._grouped_agrees = None if self._offers_grouped() else False
         solving._grouped_batch = 0  # the batch size _grouped_agrees was decided at
         if self.bitwise:
             solving._program = DENSE(self.transform, self.network, analysis)
@@ -228,6 +228,14 @@ class MaskedARBlock:
         if not (self.univariate_reads_any_features and isinstance(program, DenseProgram) and program.has_final_layer):
             return False
         return self._grouped_agrees is not False or self._library_runs()
+
+    @property
+    def reads_settled(self) -> bool:
+        """Whether `inverse_map_rows` reads its `settled` argument: not for a block with a grouped inverse."""
+        return not self._offers_grouped()
+
+    def _offers_grouped(self) -> bool:
+        return self.bitwise and self.offers_grouped_inverse()
 
     def _library_runs(self) -> bool:
         """Whether the positions are one run of library features, each feature's parameters together."""
@@ -392,7 +400,8 @@ class MaskedARBlock:
         stop = self.seq_len if stop is None else stop
         if self._grouped_for(x):
             return self._grouped_rows(x, z, cond, start, stop)
-        if not (isinstance(self._program, DenseProgram) and self._library_runs()):
+        if not (isinstance(self._program, DenseProgram) and self._library_runs()) or self._offers_grouped():
+            # a grouped inverse the probe refused: its elementwise inverse is cheap, sweep whole passes
             return self.inverse_map(x, z, cond)[:, start:stop]
         features, batch = self.seq_len, x.shape[0]
         span = stop - start
@@ -414,11 +423,6 @@ class MaskedARBlock:
             inverted = self.univariate_inverse(chosen, elements.unsqueeze(1)).squeeze(1)
             new.view(-1).index_copy_(0, todo, inverted)
         return new.unsqueeze(-1)
-
-    @property
-    def reads_settled(self) -> bool:
-        """Whether `inverse_map_rows` reads its `settled` argument: not while sweeping the grouped layout."""
-        return self._grouped_agrees is not True
 
     def _grouped_rows(self, x: Tensor, z: Tensor, cond: Any, start: int, stop: int) -> Tensor:
         """Rows `[start, stop)` of a grouped sweep: the final layer computes the features before `stop`.
