@@ -305,7 +305,7 @@ def test_each_samples_first_moved_row_is_found_only_for_a_block_that_reads_it(bl
 
 def test_zukos_grouped_maf_computes_the_rows_before_a_stop_as_its_whole_sweep_does():
     torch.manual_seed(8)
-    flow = MAF(24, transforms=1, hidden_features=(32, 32))
+    flow = MAF(24, transforms=1, hidden_features=(16, 16))
     randomise(flow, 8, 0.3)
     x, z = torch.randn(2, 800, 24, 1)  # enough outputs for the probe to decide
     with torch.no_grad():
@@ -321,11 +321,22 @@ def test_zukos_grouped_maf_computes_the_rows_before_a_stop_as_its_whole_sweep_do
                                        rtol=1e-5, atol=1e-6)
 
 
+def test_a_grouped_maf_iterates_the_rows_nothing_reads_when_they_are_few():
+    torch.manual_seed(10)
+    with torch.no_grad():
+        # wide hidden layers read all but the last feature: computing it once would cost a whole sweep
+        wide = wrap(MAF(24, transforms=1, hidden_features=(64, 64))).blocks[0]
+        assert wide.unread_from == 23 and wide.snapshot().inverse_map_rows is None
+        # 16 hidden units read 16 features: a third of each sweep is saved by computing the rest once
+        narrow = wrap(MAF(24, transforms=1, hidden_features=(16, 16))).blocks[0]
+        assert narrow.unread_from == 16 and narrow.snapshot().inverse_map_rows is not None
+
+
 def test_a_maf_whose_grouped_layout_the_probe_refused_computes_rows_from_whole_sweeps(monkeypatch):
     from arflow_solvers.adapters._masked.program import DenseProgram
 
     torch.manual_seed(9)
-    flow = MAF(12, transforms=1, hidden_features=(16, 16))
+    flow = MAF(12, transforms=1, hidden_features=(8, 8))
     monkeypatch.setattr(DenseProgram, "_probe", lambda self, batch, like: False)
     x, z = torch.randn(2, 50, 12, 1)
     with torch.no_grad():

@@ -86,6 +86,12 @@ def _flat(x: Tensor, features: int, name: str) -> Tensor:
     return x.reshape(x.shape[0], features)
 
 
+MIN_UNREAD_SHARE = 1 / 8
+"""The share of the rows nothing reads below which a block with a grouped inverse sweeps whole
+passes: computing those rows once costs a whole sweep, and each sweep that skips them saves only
+that share of its rows."""
+
+
 class MaskedARBlock:
     r"""A library's masked autoregressive transform as a [`CausalMapBlock`][arflow_solvers.CausalMapBlock].
 
@@ -227,7 +233,9 @@ class MaskedARBlock:
         program = self._program
         if not (self.univariate_reads_any_features and isinstance(program, DenseProgram) and program.has_final_layer):
             return False
-        return self._grouped_agrees is not False or self._library_runs()
+        if self._offers_grouped():  # its sweeps gain from rows apart by skipping the rows nothing reads
+            return self.seq_len - self.unread_from >= MIN_UNREAD_SHARE * self.seq_len
+        return self._library_runs()
 
     @property
     def reads_settled(self) -> bool:
