@@ -408,8 +408,8 @@ class MaskedARBlock:
         stop = self.seq_len if stop is None else stop
         if self._grouped_for(x):
             return self._grouped_rows(x, z, cond, start, stop)
-        if not (isinstance(self._program, DenseProgram) and self._library_runs()) or self._offers_grouped():
-            # a grouped inverse the probe refused: its elementwise inverse is cheap, sweep whole passes
+        if not isinstance(self._program, DenseProgram) or self._offers_grouped():
+            # outside a snapshot; or a grouped inverse the probe refused, whose elementwise inverse is cheap
             return self.inverse_map(x, z, cond)[:, start:stop]
         features, batch = self.seq_len, x.shape[0]
         span = stop - start
