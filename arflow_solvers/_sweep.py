@@ -69,19 +69,22 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     certified in the same way.
 
     Rows that no row reads (from the block's `unread_from`) depend only on the rows before
-    them: the exact mode iterates the rows before them alone, then computes them once.
+    them: the exact mode iterates the rows before them alone, then computes them once. So
+    does a sweep to a tolerance, whose rule then measures the rows it iterates; its last
+    iteration computes them, converged or not.
 
     `defer_certification`: sweep to the end of the segment without certifying, and say from
     which row [`certify_rows`][arflow_solvers._sweep.certify_rows] must (one certification
     for all the segments of a solve, instead of one each).
     """
     mode = _mode(options, ev, samples, x.shape[0])
-    end = min(max(_iterated(ev, mode), start), stop)
+    end = min(max(_iterated(ev, mode, options), start), stop)
     segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification, end=end)
     active = segment.finite_samples()
-    active, exact, used = segment.iterate(active, start + first_exact, max_iters, mode)
+    closing = mode == "drop" and end < stop  # the last iteration computes the rows nothing reads
+    active, exact, used = segment.iterate(active, start + first_exact, max_iters - closing, mode)
     if end < stop:
-        active, exact = segment.unread_rows(active, exact)
+        active, exact = segment.unread_rows(active, exact, always=closing)
     if segment.shrunk_from is not None and defer_certification:
         return segment.outcome(active, exact, segment.shrunk_from)
     if segment.shrunk_from is not None:
@@ -109,13 +112,16 @@ def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, o
 
 
 def iterated_rows(ev: Evaluator, options: SweepOptions) -> int:
-    """How many leading rows a sweep of every sample iterates (the others are computed once)."""
-    return _iterated(ev, _mode(options, ev, None, ev.batch_size))
+    """How many leading rows the exact mode's sweep of every sample iterates (the others are computed once)."""
+    mode = _mode(options, ev, None, ev.batch_size)
+    return _iterated(ev, mode, options) if mode == "certify" else ev.seq_len
 
 
-def _iterated(ev: Evaluator, mode: str) -> int:
-    """The rows a sweep in `mode` iterates: in the exact mode only those some row reads."""
-    return ev.unread_from if mode == "certify" else ev.seq_len
+def _iterated(ev: Evaluator, mode: str, options: SweepOptions) -> int:
+    """The rows a sweep in `mode` iterates: only those some row reads, in the exact mode or to a tolerance."""
+    if mode == "certify" or (mode == "drop" and options.rule.tolerates):
+        return ev.unread_from
+    return ev.seq_len
 
 
 def _mode(options: SweepOptions, ev: Evaluator, samples: Tensor | None, batch: int) -> str:
@@ -219,10 +225,12 @@ class _Segment:
             # round otherwise, so the answer is certified at the end
             self._shrink(exact)
             settled = self.settled
+        if mode == "drop" and self.end < self.stop:
+            settled = self.settled  # the rows before the ones nothing reads, alone
         if active.numel() == x.shape[0]:
             return ev.update(x, None, start, self.end, settled)
         if mode == "drop":
-            return ev.update(x[active], active, start, self.end)
+            return ev.update(x[active], active, start, self.end, settled)
         if mode == "certify" and 2 * active.numel() <= samples.numel() and exact < self.end - 1:
             self._shrink(exact)
             rows = _padded(active, samples, x.shape[0])
@@ -234,15 +242,16 @@ class _Segment:
             new = ev.update(x[samples], samples, start, self.end, settled)
         return new[torch.searchsorted(samples, active)]
 
-    def unread_rows(self, active: Tensor, exact: int) -> tuple[Tensor, int]:
-        """Rows `[end, stop)`, which no row reads, once from the rows before them, if those are final.
+    def unread_rows(self, active: Tensor, exact: int, always: bool = False) -> tuple[Tensor, int]:
+        """Rows `[end, stop)`, which no row reads, once from the rows before them, if those are final (or `always`).
 
         Returns the samples still iterating and the exact prefix; the sweep goes on (if at all)
         over every row to `stop`.
         """
         end, stop, x = self.end, self.stop, self.x
         self.end = stop
-        if exact < end and active.numel():  # out of iterations short of the bound
+        short = exact < end and bool(active.numel())  # out of iterations short of the bound
+        if short and not always:
             return active, exact
         finite = self.samples[self.ev.finite_noise(self.samples)]
         rows = None if finite.numel() == x.shape[0] else finite
@@ -250,10 +259,11 @@ class _Segment:
         new = self.ev.update(x if rows is None else x[rows], rows, end, stop, skip)
         old = x[finite, end:stop]
         x[finite, end:stop] = new
-        self._shrink(end)
+        if not always:  # the exact mode certifies them
+            self._shrink(end)
         self.iterations[finite] += 1
         self.history.append((finite, self.options.rule.distance(new, old)))
-        return active[:0], stop
+        return (active, exact) if short else (active[:0], stop)
 
     def _shrink(self, row: int) -> None:
         """Record that rows from `row` were computed by a map that may round otherwise (the first record stays)."""

@@ -74,7 +74,9 @@ class CausalMapBlock(Protocol):
     rows of the segment being solved that not every sample has settled, and certifies its
     answer with `inverse_map`, so these rows need only agree with `inverse_map`'s to rounding.
     Such a block may also say `unread_from: int`: no row reads the positions from there on,
-    so the exact mode iterates only the rows before it and computes the others once; and
+    so the exact mode and tolerance plans iterate only the rows before it and compute the
+    others once (the exact mode certifies the answer; a tolerance plan relies on both
+    promises, rows equal to `inverse_map`'s to rounding and `unread_from`); and
     `reads_settled = False` if it never reads `settled`: the sweep then does not find each
     sample's first moved row (a reduction over every update) only to pass it on.
     """

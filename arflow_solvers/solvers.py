@@ -278,7 +278,9 @@ class Jacobi(_Iterative):
     batch; a KV-cached block evaluates only the positions not yet exact. In the exact mode,
     rows that stopped moving are final too (each was computed from rows that did not move),
     and a block with `inverse_map_rows` (zuko's masked transforms) evaluates only the rows
-    after them, its answer certified like a shrunk batch's.
+    after them, its answer certified like a shrunk batch's. Rows that no row reads (a MADE
+    narrower than its features) are computed once, from the rows before them, in the exact
+    mode and to a tolerance (the rule then measures the rows iterated).
 
     **Divergence.** A sample whose update is non-finite or grows `patience` iterations in a
     row is handed to the `on_divergence` policy. `"fall_back"` re-solves it from its exact

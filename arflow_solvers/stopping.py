@@ -65,6 +65,11 @@ class StoppingRule:
         if self.norm not in _NORMS:
             raise ValueError(f"norm must be one of {sorted(_NORMS)}; got {self.norm!r}")
 
+    @property
+    def tolerates(self) -> bool:
+        """Whether the rule stops before the iterate stops changing."""
+        return self.rtol > 0 or self.atol > 0
+
     def distance(self, new: Tensor, old: Tensor, overwrite: bool = False) -> Tensor:
         """`(B,)` norm of each sample's update `new - old` (each `(B, rows, D)`).
 

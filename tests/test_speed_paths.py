@@ -168,9 +168,9 @@ def test_rows_computed_apart_that_round_otherwise_are_certified_at_the_full_map(
     assert (solution.blocks[0].status == 0).all()
 
 
-def test_without_certification_rows_are_never_computed_apart():
+def test_without_certification_only_rows_nothing_reads_are_computed_apart():
     z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
-    for plan in (FIXED_SHAPE, Jacobi(tol=1e-8)):
+    for plan in (FIXED_SHAPE, Jacobi(tol=1e-8), Jacobi(tol=0.0, drop_converged=True)):
         block = Chain(error=1e-6)
         solve(block, z, plan)
         assert not block.starts
@@ -204,6 +204,27 @@ def test_rows_no_row_reads_are_computed_once_after_the_rows_before_them():
     assert torch.equal(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x)
     assert block.calls[-1] == (40, 64) and all(stop == 40 for _, stop in block.calls[:-1])
     assert (solution.blocks[0].status == 0).all()
+
+
+@pytest.mark.parametrize("plan", [Jacobi(tol=1e-9), GSJacobi(3, tol=1e-9)])
+def test_a_tolerance_plan_iterates_the_rows_something_reads_and_computes_the_rest_once(plan):
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    block = Leaves(reads=40, a=0.5)
+    solution = solve(block, z, plan)
+    torch.testing.assert_close(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x, rtol=0, atol=1e-8)
+    once = [(start, stop) for start, stop in block.calls if stop > 40]  # each row from 40 on in one call
+    assert all(start >= 40 for start, _ in once) and sum(stop - start for start, stop in once) == 24
+    assert (solution.blocks[0].status == 0).all()
+
+
+@pytest.mark.parametrize("max_iters", [1, 2, 5])
+def test_a_tolerance_plan_out_of_iterations_still_computes_the_rows_nothing_reads(max_iters):
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    block = Leaves(reads=40, a=0.5)
+    solution = solve(block, z, Jacobi(tol=1e-12, max_iters=max_iters))
+    x = solution.x
+    assert torch.equal(x[:, 40:], Leaves.inverse_map(block, x, z)[:, 40:])  # from the rows before them
+    assert solution.blocks[0].passes == max_iters and (solution.blocks[0].status == 1).all()
 
 
 def test_segments_split_the_rows_something_reads():

@@ -436,12 +436,14 @@ class MaskedARBlock:
         """Rows `[start, stop)` of a grouped sweep: the final layer computes the features before `stop`.
 
         The rows before `start` are computed too, so every sweep of a segment has one product
-        shape and rounds alike; `settled` is not read.
+        shape and rounds alike; `settled` is not read. Rows no row reads are computed once:
+        the final layer computes just those.
         """
+        lo = start if start >= self.unread_from else 0
         flat = _flat(x, self.seq_len, "x")
-        grouped = self._program.grouped_prefix(flat, self._bind(cond, x.shape[0]), stop, self._buffers)
-        new = self.grouped_inverse(grouped, _flat(z, self.seq_len, "z")[:, :stop])
-        return new[:, start:].unsqueeze(-1)
+        grouped = self._program.grouped_range(flat, self._bind(cond, x.shape[0]), lo, stop, self._buffers)
+        new = self.grouped_inverse(grouped, _flat(z, self.seq_len, "z")[:, lo:stop])
+        return new[:, start - lo:].unsqueeze(-1)
 
     def _library_sweep(self, x: Tensor, z: Tensor, cond: Any) -> Tensor:
         params = self._network_output(_flat(x, self.seq_len, "x"), cond, reuse=True)

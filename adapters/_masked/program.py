@@ -71,7 +71,7 @@ class DenseProgram:
         self.rows = grouped_rows(network, analysis)
         last = len(network.program) - 1
         self._final = last if isinstance(network.program[last], Masked) else None
-        self._grouped_final: dict[int, tuple[Tensor, Tensor | None]] = {}  # by features kept; gathered at first use
+        self._grouped_final: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}  # by features kept
         self._exact: dict[tuple, bool] = {}
 
     def __call__(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None) -> Tensor:
@@ -129,14 +129,16 @@ class DenseProgram:
                    "prepend": torch.cat([context, network.context_features + analysis.order])}[network.context]
         return product[:, columns], layer.bias
 
-    def grouped_prefix(self, x: Tensor, cond: Any, stop: int, buffers: dict[int, Tensor] | None = None) -> Tensor:
-        """`(B, P, stop)`: the first `stop` features (autoregressive order) of `grouped(x, cond)`.
+    def grouped_range(self, x: Tensor, cond: Any, start: int, stop: int,
+                      buffers: dict[int, Tensor] | None = None) -> Tensor:
+        """`(B, P, stop - start)`: features `[start, stop)` (autoregressive order) of `grouped(x, cond)`.
 
-        The final layer computes only those rows (gathered once per `stop`): each output is
-        the same dot product, but a product of fewer rows may round otherwise.
+        The final layer computes only those rows (gathered once per range): each output is the
+        same dot product, but a product of fewer rows may round otherwise.
         """
-        out = self.run(self._library_inputs(x), cond, buffers, self._final_rows(stop), key=-4)
-        return out.view(x.shape[0], -1, stop)
+        final = self._final_rows(start, stop)
+        out = self.run(self._library_inputs(x), cond, buffers, final, key=-4 if start == 0 else -5)
+        return out.view(x.shape[0], -1, stop - start)
 
     def grouped_is_exact(self, batch: int, like: Tensor) -> bool:
         """Whether `grouped` gives the library's outputs bit for bit for `batch` rows (like `like`).
@@ -171,20 +173,20 @@ class DenseProgram:
     def _library_inputs(self, x: Tensor) -> Tensor:
         return x if self.analysis.identity else take_columns(x, self.analysis.position, self.analysis.reversal)
 
-    def _final_rows(self, stop: int | None = None) -> tuple[Tensor, Tensor | None]:
-        """The final layer's masked product and bias, rows grouped (only the first `stop` features of each).
+    def _final_rows(self, start: int = 0, stop: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """The final layer's masked product and bias, rows grouped (only features `[start, stop)` of each).
 
-        Gathered once per `stop` from the products read for a solve; without them (under
+        Gathered once per range from the products read for a solve; without them (under
         autograd, for a linearisation) computed at every call, with their graph.
         """
-        stop = self.network.features if stop is None else stop
-        if stop in self._grouped_final:
-            return self._grouped_final[stop]
-        rows = self.rows.view(-1, self.network.features)[:, :stop].reshape(-1)
+        key = (start, self.network.features if stop is None else stop)
+        if key in self._grouped_final:
+            return self._grouped_final[key]
+        rows = self.rows.view(-1, self.network.features)[:, key[0]:key[1]].reshape(-1)
         layer = self.network.program[self._final].layer
         final = self._product(self._final)[rows], None if layer.bias is None else layer.bias[rows]
         if self.weights is not None:
-            self._grouped_final[stop] = final
+            self._grouped_final[key] = final
         return final
 
     def run(self, x: Tensor, cond: Any = None, buffers: dict[int, Tensor] | None = None,
