@@ -82,7 +82,8 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     segment = _Segment(ev, x, start, stop, samples, options, deferring=defer_certification, end=end)
     active = segment.finite_samples()
     closing = mode == "drop" and end < stop  # the last iteration computes the rows nothing reads
-    active, exact, used = segment.iterate(active, start + first_exact, max_iters - closing, mode)
+    budget = max_iters - 1 if closing else max_iters
+    active, exact, used = segment.iterate(active, start + first_exact, budget, mode)
     if end < stop:
         active, exact = segment.unread_rows(active, exact, always=closing)
     if segment.shrunk_from is not None and defer_certification:
