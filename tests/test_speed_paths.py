@@ -300,6 +300,9 @@ def test_zukos_nsf_computes_a_suffix_of_positions_as_its_whole_sweep_does(transf
             final = torch.arange(start, 20) < settled[:, None]
             assert torch.equal(rows[final], x[:, start:][final])
             torch.testing.assert_close(rows[~final], whole[:, start:][~final], rtol=1e-4, atol=1e-5)
+            # no sample settled past start: every element inverted at once, without gathers, the same values
+            every = block.inverse_map_rows(x, z, None, start, torch.full((70,), start))
+            torch.testing.assert_close(rows[~final], every[~final], rtol=1e-6, atol=1e-7)
         # outside a solve's snapshot: the whole sweep's rows, up to stop
         unsnapped = wrap(flow).blocks[transform]
         assert torch.equal(unsnapped.inverse_map_rows(x, z, None, 3, None, 9), unsnapped.inverse_map(x, z)[:, 3:9])

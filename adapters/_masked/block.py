@@ -418,9 +418,14 @@ class MaskedARBlock:
         flat = _flat(x, features, "x")
         params = self._program.output_rows(flat, self._bind(cond, batch), lo * per_feature,
                                            (lo + span) * per_feature, self._buffers)
+        if settled is None or bool((settled <= start).all()):  # every element: no gathers
+            chosen = params.view(batch, span, per_feature)
+            elements = self._library_noise(z)[:, lo:lo + span]
+            if not self._identity:  # row r is library feature lo + span - 1 - r
+                chosen, elements = chosen.flip(1), elements.flip(1)
+            inverted = self.univariate_inverse(chosen.reshape(-1, per_feature), elements.reshape(-1, 1))
+            return inverted.view(batch, span, 1)
         # the elements not final yet: flat index `i * span + r` of sample i, row start + r
-        if settled is None:
-            settled = torch.full((batch,), start, device=x.device)
         todo = (torch.arange(start, stop, device=x.device) >= settled[:, None]).view(-1).nonzero().squeeze(1)
         new = flat[:, start:stop].clone()
         if todo.numel():
