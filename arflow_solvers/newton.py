@@ -94,7 +94,7 @@ class Newton(_Iterating):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tol == 0 and self.atol == 0:
+        if not self.stopping_rule().tolerates:
             raise ValueError("Newton needs tol > 0 or atol > 0: rounding keeps its step from reaching exact "
                              "zero; for the exact answer use Jacobi(tol=0.0) or Serial()")
         check_optional_count("chunk_size", self.chunk_size)

@@ -220,10 +220,10 @@ class _Iterative(_Iterating):
         return bounds[:-1] + ((bounds[-1][0], seq_len),)
 
     def _sweep_options(self) -> SweepOptions:
-        tolerance = self.tol > 0 or self.atol > 0
-        drop = tolerance if self.drop_converged is None else self.drop_converged
-        return SweepOptions(self.stopping_rule(), self.patience,
-                            as_policy(self.on_divergence), drop, certify=self.drop_converged is None and not tolerance)
+        rule = self.stopping_rule()
+        drop = rule.tolerates if self.drop_converged is None else self.drop_converged
+        return SweepOptions(rule, self.patience, as_policy(self.on_divergence), drop,
+                            certify=self.drop_converged is None and not rule.tolerates)
 
     @torch.no_grad()
     def solve(self, block: Any, z: Tensor, cond: Any = None, index: int = 0) -> tuple[Tensor, BlockStats]:
