@@ -85,7 +85,7 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     budget = max_iters - 1 if closing else max_iters
     active, exact, used = segment.iterate(active, start + first_exact, budget, mode)
     if end < stop:
-        active, exact = segment.unread_rows(active, exact, always=closing)
+        active, exact = segment.unread_rows(active, exact, closing)
     if segment.shrunk_from is not None and defer_certification:
         return segment.outcome(active, exact, segment.shrunk_from)
     if segment.shrunk_from is not None:
@@ -243,16 +243,17 @@ class _Segment:
             new = ev.update(x[samples], samples, start, self.end, settled)
         return new[torch.searchsorted(samples, active)]
 
-    def unread_rows(self, active: Tensor, exact: int, always: bool = False) -> tuple[Tensor, int]:
-        """Rows `[end, stop)`, which no row reads, once from the rows before them, if those are final (or `always`).
+    def unread_rows(self, active: Tensor, exact: int, closing: bool = False) -> tuple[Tensor, int]:
+        """Rows `[end, stop)`, which no row reads, once from the rows before them, if those are final.
 
-        Returns the samples still iterating and the exact prefix; the sweep goes on (if at all)
-        over every row to `stop`.
+        `closing`: the last iteration of a sweep to a tolerance, made even short of the bound
+        and not certified. Returns the samples still iterating and the exact prefix; the sweep
+        goes on (if at all) over every row to `stop`.
         """
         end, stop, x = self.end, self.stop, self.x
         self.end = stop
         short = exact < end and bool(active.numel())  # out of iterations short of the bound
-        if short and not always:
+        if short and not closing:
             return active, exact
         finite = self.samples[self.ev.finite_noise(self.samples)]
         rows = None if finite.numel() == x.shape[0] else finite
@@ -260,7 +261,7 @@ class _Segment:
         new = self.ev.update(x if rows is None else x[rows], rows, end, stop, skip)
         old = x[finite, end:stop]
         x[finite, end:stop] = new
-        if not always:  # the exact mode certifies them
+        if not closing:  # the exact mode certifies them
             self._shrink(end)
         self.iterations[finite] += 1
         self.history.append((finite, self.options.rule.distance(new, old)))
