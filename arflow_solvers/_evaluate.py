@@ -74,6 +74,8 @@ class Evaluator:
         self.has_map = callable(getattr(block, "inverse_map", None))
         self.has_rows = self.has_map and callable(getattr(self.block, "inverse_map_rows", None))
         self.unread_from = _unread_from(self.block, self.seq_len) if self.has_rows else self.seq_len
+        # `unread_from` holds by construction of `inverse_map`: its rows need no check of their own
+        self.unread_proven = self.unread_from < self.seq_len and getattr(self.block, "unread_proven", False) is True
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0

@@ -84,7 +84,7 @@ def sweep(ev: Evaluator, x: Tensor, start: int, stop: int, samples: Tensor, *, m
     closing = mode == "drop" and end < stop  # the last iteration computes the rows nothing reads
     budget = max_iters - 1 if closing else max_iters
     active, exact, used = segment.iterate(active, start + first_exact, budget, mode)
-    if end < stop:
+    if end < stop and not segment.leave_unread_to_certification():
         active, exact = segment.unread_rows(active, exact, closing)
     if segment.shrunk_from is not None and defer_certification:
         return segment.outcome(active, exact, segment.shrunk_from)
@@ -149,6 +149,7 @@ class _Segment:
         self.history: list[tuple[Tensor, Tensor]] = []
         self.watch = Watch(batch, options.patience, x)
         self.shrunk_from: int | None = None  # the first row computed on a shrunk batch (certify mode)
+        self.checked_to = stop  # certification checks the rows before; it computes the others from them
         self.settled = torch.full((batch,), start, dtype=torch.long, device=x.device)  # rows before: final
         self.deferring = deferring  # certification left to the caller: sweep every row
 
@@ -267,6 +268,17 @@ class _Segment:
         self.history.append((finite, self.options.rule.distance(new, old)))
         return (active, exact) if short else (active[:0], stop)
 
+    def leave_unread_to_certification(self) -> bool:
+        """Whether the certifying call computes rows `[end, stop)` from the rows it checks (not a call before it).
+
+        Only where the block proves that its whole map does not read them (`unread_proven`),
+        and the sweep certifies its answer now.
+        """
+        if self.shrunk_from is None or self.deferring or not self.ev.unread_proven:
+            return False
+        self.checked_to, self.end = self.end, self.stop
+        return True
+
     def _shrink(self, row: int) -> None:
         """Record that rows from `row` were computed by a map that may round otherwise (the first record stays)."""
         if self.shrunk_from is None:
@@ -277,22 +289,26 @@ class _Segment:
 
         Rows before `shrunk_from` were computed at the full shape. For each sample the rows
         before the first one that moves are the fixed point, so that row, computed from them,
-        is final; a sample none of whose rows moves (but the last) is done.
+        is final; a sample none of whose rows moves (but the last) is done. Rows from
+        `checked_to` on are read by no row (the block proves it): they are not checked but
+        computed, and a sample whose checked rows all stay is done.
         """
-        x, lo, stop = self.x, self.shrunk_from, self.stop
+        x, lo, stop, checked_to = self.x, self.shrunk_from, self.stop, self.checked_to
         new = self.ev.update(x, None, lo, stop)
         checked = self.samples[(self.status[self.samples] == Status.CONVERGED) & self.ev.finite_noise(self.samples)]
-        if torch.equal(new, x[:, lo:stop]):  # the usual outcome: every sample is the fixed point, nothing to gather
+        if torch.equal(new[:, : checked_to - lo], x[:, lo:checked_to]):  # the usual outcome: nothing to gather
             x[:, lo:stop] = new  # equal values, the full map's bits (a zero's sign)
             self.iterations[checked] += 1
             self.history.append((checked, new.new_zeros(checked.shape)))
             return active[:0], stop
         new, old = new[checked], x[checked, lo:stop]
-        first = _first_moved((new != old).to(new.dtype)) + lo  # an infinity that stays is not a move
+        moved = (new[:, : checked_to - lo] != old[:, : checked_to - lo]).to(new.dtype)
+        first = _first_moved(moved) + lo  # an infinity that stays is not a move
         x[checked, lo:stop] = new
         self.iterations[checked] += 1
         self.history.append((checked, self.options.rule.distance(new, old)))
-        going_on = first < stop - 1
+        # the last row is computed from rows that stayed, unless later rows were computed from it
+        going_on = first < (stop - 1 if checked_to == stop else checked_to)
         if not bool(going_on.any()):
             return active[:0], stop
         return checked[going_on], int(first[going_on].min()) + 1

@@ -76,7 +76,9 @@ class CausalMapBlock(Protocol):
     Such a block may also say `unread_from: int`: no row reads the positions from there on,
     so the exact mode and tolerance plans iterate only the rows before it and compute the
     others once (the exact mode certifies the answer; a tolerance plan relies on both
-    promises, rows equal to `inverse_map`'s to rounding and `unread_from`); and
+    promises, rows equal to `inverse_map`'s to rounding and `unread_from`); `unread_proven =
+    True` if `inverse_map` itself provably never reads them (masked products add exact
+    zeros), so the exact mode computes them in its certifying call instead of one before; and
     `reads_settled = False` if it never reads `settled`: the sweep then does not find each
     sample's first moved row (a reduction over every update) only to pass it on.
     """

@@ -206,6 +206,43 @@ def test_rows_no_row_reads_are_computed_once_after_the_rows_before_them():
     assert (solution.blocks[0].status == 0).all()
 
 
+class ProvenLeaves(Leaves):
+    """`Leaves` whose whole map provably never reads the rows from `reads` on (it says `unread_proven`)."""
+
+    unread_proven = True
+
+    def inverse_map(self, x, z, cond=None):
+        self.calls.append((0, Chain.seq_len))
+        return Leaves.inverse_map(self, x, z)
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-14])
+def test_rows_a_block_proves_unread_are_computed_by_the_certifying_call(error):
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    proven, unproven = ProvenLeaves(reads=40, a=0.5, error=error), Leaves(reads=40, a=0.5, error=error)
+    solution = solve(proven, z, EXACT)
+    assert torch.equal(solution.x, solve(unproven, z, EXACT).x)
+    assert torch.equal(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x)
+    assert (40, 64) not in proven.calls and (40, 64) in unproven.calls  # one call fewer
+    certifying = proven.calls.index((0, Chain.seq_len))  # rows from 40 on first computed there
+    assert certifying > 0 and all(stop <= 40 for _, stop in proven.calls[:certifying])
+    assert (solution.blocks[0].status == 0).all()
+
+
+def test_a_certification_that_moves_the_last_row_read_recomputes_the_rows_after_it():
+    class LastRowOff(ProvenLeaves):  # the rows map rounds row 39 otherwise: the certification moves it
+        def inverse_map_rows(self, x, z, cond, start, settled=None, stop=None):
+            new = ProvenLeaves.inverse_map_rows(self, x, z, cond, start, settled, stop)
+            if start <= 39 < stop:
+                new[:, 39 - start] *= 1 + 1e-14
+            return new
+
+    z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
+    solution = solve(LastRowOff(reads=40, a=0.5), z, EXACT)
+    assert torch.equal(solution.x, solve(Leaves(reads=40, a=0.5), z, FIXED_SHAPE).x)
+    assert (solution.blocks[0].status == 0).all()
+
+
 @pytest.mark.parametrize("plan", [Jacobi(tol=1e-9), GSJacobi(3, tol=1e-9)])
 def test_a_tolerance_plan_iterates_the_rows_something_reads_and_computes_the_rest_once(plan):
     z = torch.randn(4 * MIN_ROWS, Chain.seq_len, 1, dtype=torch.float64)
