@@ -76,6 +76,8 @@ class Evaluator:
         self.unread_from = _unread_from(self.block, self.seq_len) if self.has_rows else self.seq_len
         # `unread_from` holds by construction of `inverse_map`: its rows need no check of their own
         self.unread_proven = self.unread_from < self.seq_len and getattr(self.block, "unread_proven", False) is True
+        # whether the block computes rows apart and reads `settled` to do so (its `reads_settled`, default yes)
+        self.reads_settled = self.has_rows and bool(getattr(self.block, "reads_settled", True))
         self.cached = not self.has_map and callable(getattr(block, "affine_range", None))
         self.cache = block.init_cache(z, cond) if self.cached else None
         self.committed = 0
@@ -97,11 +99,6 @@ class Evaluator:
     def view(self) -> "CountedBlock":
         """The block with its network calls counted here: what an initial guess receives."""
         return CountedBlock(self)
-
-    @property
-    def reads_settled(self) -> bool:
-        """Whether the block computes rows apart and reads `settled` to do so (its `reads_settled`, default yes)."""
-        return self.has_rows and bool(getattr(self.block, "reads_settled", True))
 
     def noise(self, samples: Tensor | None, start: int, stop: int) -> Tensor:
         """Rows `[start, stop)` of the noise of `samples` (`None`: all)."""

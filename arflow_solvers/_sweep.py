@@ -114,8 +114,7 @@ def certify_rows(ev: Evaluator, x: Tensor, lo: int, stop: int, status: Tensor, o
 
 def iterated_rows(ev: Evaluator, options: SweepOptions) -> int:
     """How many leading rows the exact mode's sweep of every sample iterates (the others are computed once)."""
-    mode = _mode(options, ev, None, ev.batch_size)
-    return _iterated(ev, mode, options) if mode == "certify" else ev.seq_len
+    return ev.unread_from if _mode(options, ev, None, ev.batch_size) == "certify" else ev.seq_len
 
 
 def _iterated(ev: Evaluator, mode: str, options: SweepOptions) -> int:

@@ -121,12 +121,13 @@ class MaskedARBlock:
     """
 
     univariate_reads_any_features = False
-    unread_proven = True
-    """`unread_from` is read from the masks, and every evaluation multiplies by them: no row
-    of `inverse_map` reads the positions from there on, whatever they hold (if finite)."""
     """Whether `univariate_inverse` takes the parameters and noise of any number of consecutive
     features (parameters feature-major), so that a sweep can invert a suffix of positions, or
     single elements as samples of one feature, alone."""
+
+    unread_proven = True
+    """`unread_from` is read from the masks, and every evaluation multiplies by them: no row
+    of `inverse_map` reads the positions from there on, whatever they hold (if finite)."""
 
     def __init__(self, transform: nn.Module, *, bitwise: bool = True, context: Tensor | None = None):
         if not isinstance(bitwise, bool):
